@@ -1,0 +1,1 @@
+"""hf_paged: PagedAttention and continuous batching for Hugging Face models."""
