@@ -1,0 +1,69 @@
+"""Validated option objects. Unknown option names raise ``TypeError``; bad values raise ``ValueError``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def from_kwargs(cls: type[T], kwargs: dict[str, Any], *, where: str) -> T:
+    """Build dataclass ``cls`` from user kwargs, naming every unknown option instead of ignoring it."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"{where} got unknown option(s) {unknown}; valid options are {sorted(known)}")
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolOptions:
+    """How big the KV block pool is and how it is cut into blocks."""
+
+    # Tokens per block. Multiples of 16 keep the Triton kernels' tiles aligned to blocks.
+    block_size: int = 16
+    # Explicit pool size in blocks; when None the pool is sized from a memory budget (below).
+    num_blocks: int | None = None
+    # CUDA: fraction of the currently free device memory given to the pool.
+    memory_fraction: float = 0.9
+    # Non-CUDA devices: bytes given to the pool (host "free memory" is not a safe budget).
+    cpu_memory_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size % 16:
+            raise ValueError(f"block_size must be a positive multiple of 16, got {self.block_size!r}")
+        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
+            raise ValueError(f"num_blocks must be a positive int or None, got {self.num_blocks!r}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
+        if not isinstance(self.cpu_memory_bytes, int) or self.cpu_memory_bytes < 1:
+            raise ValueError(f"cpu_memory_bytes must be a positive int, got {self.cpu_memory_bytes!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class EnableOptions:
+    """Options of ``hf_paged.enable(model, **options)``."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_fraction: float = 0.5
+    cpu_memory_bytes: int = 1 << 30
+    # "auto": Triton kernels on CUDA, the torch reference elsewhere; "torch" forces the reference.
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        self.pool()  # validates the pool fields
+
+    def pool(self) -> PoolOptions:
+        return PoolOptions(
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            memory_fraction=self.memory_fraction,
+            cpu_memory_bytes=self.cpu_memory_bytes,
+        )
