@@ -41,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * LOG2E)
+# The softmax runs in base 2: exp(x) = exp2(x * LOG2E). A constexpr so that kernels may read it.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,24 +93,24 @@ def _attend_tiles(
     d_ok = offs_d < HEAD_DIM
     for t in range(tile_begin, tile_end):
         j = kv_start + t * TILE + offs_t  # [TILE] key positions
+        # 64-bit physical offsets: block_id * stride_kb can pass 2^31 elements on big pools.
         if MASKED:
             j_ok = j < kv_end
-            kt_mask = j_ok[None, :] & d_ok[:, None]  # [HEAD_PAD, TILE]
-            v_mask = j_ok[:, None] & d_ok[None, :]  # [TILE, HEAD_PAD]
+            block_id = tl.load(block_table_row + j // BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
         else:
-            j_ok = None
-            if HEAD_PAD == HEAD_DIM:
-                kt_mask = None
-                v_mask = None
-            else:
-                kt_mask = d_ok[:, None]
-                v_mask = d_ok[None, :]
-        # 64-bit physical offsets: block_id * stride_kb can pass 2^31 elements on big pools.
-        block_id = tl.load(block_table_row + j // BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)  # [TILE]
+            block_id = tl.load(block_table_row + j // BLOCK_SIZE).to(tl.int64)  # [TILE]
         in_block = j % BLOCK_SIZE
-        k_off = block_id * stride_kb + in_block * stride_ks  # [TILE]
-        v_off = block_id * stride_vb + in_block * stride_vs  # [TILE]
-        kt = tl.load(k_base + k_off[None, :] + offs_d[:, None], mask=kt_mask, other=0.0)  # [HEAD_PAD, TILE]
+        kt_ptr = k_base + (block_id * stride_kb + in_block * stride_ks)[None, :] + offs_d[:, None]
+        v_ptr = v_base + (block_id * stride_vb + in_block * stride_vs)[:, None] + offs_d[None, :]
+        if MASKED:
+            kt = tl.load(kt_ptr, mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [HEAD_PAD, TILE]
+            v = tl.load(v_ptr, mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [TILE, HEAD_PAD]
+        elif HEAD_PAD != HEAD_DIM:
+            kt = tl.load(kt_ptr, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptr, mask=d_ok[None, :], other=0.0)
+        else:
+            kt = tl.load(kt_ptr)
+            v = tl.load(v_ptr)
 
         s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, TILE] fp32
         if USE_SOFTCAP:
@@ -131,7 +132,6 @@ def _attend_tiles(
         p = tl.exp2(s - m_ref[:, None])  # [BLOCK_M, TILE]
         alpha = tl.exp2(m_i - m_ref)  # [BLOCK_M] rescales what was accumulated so far
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=v_mask, other=0.0)  # [TILE, HEAD_PAD]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -469,7 +469,7 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
         num_seqs=num_seqs,
         q_blocks_per_row=per_row,
         num_splits=cfg.num_splits,
-        scale_log2=scale * LOG2E,
+        scale_log2=scale * LOG2E.value,
         softcap=softcap if softcap is not None else 0.0,
         sliding_window=sliding_window if sliding_window is not None else 0,
         stride_qt=query.stride(0),
