@@ -16,6 +16,7 @@ told apart from real tokens.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,8 +43,14 @@ class PagedLayer(CacheLayerMixin):
 
     def __init__(self, cache: "PagedCache") -> None:
         super().__init__()
-        self._cache = cache
+        # A weak reference keeps PagedCache free of reference cycles, so dropping the last reference
+        # frees its blocks at once (see PagedCache.__del__).
+        self._cache_ref = weakref.ref(cache)
         self.is_initialized = True
+
+    @property
+    def _cache(self) -> "PagedCache":
+        return self._cache_ref()
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         pass
@@ -333,6 +340,14 @@ class PagedCache(Cache):
         self._last_layer = None
         self.step = None
         self._dense_index = None
+
+    def __del__(self) -> None:
+        # Caches that outlive a generate call (transformers keeps an assistant model's cache between
+        # rounds and passes it back in) give their blocks back when dropped.
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown: the pool may already be gone
+            pass
 
     # ---- introspection -----------------------------------------------------------------------
     @property
