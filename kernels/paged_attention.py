@@ -41,8 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-# The softmax runs in base 2: exp(x) = exp2(x * LOG2E). A constexpr so that kernels may read it.
-LOG2E = tl.constexpr(1.4426950408889634)
+LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * LOG2E)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,7 +81,7 @@ def _attend_tiles(
     tile_begin, tile_end,  # tiles [tile_begin, tile_end) of this call
     kv_start, kv_end,  # key positions of tile 0 and one past the last key any row may see
     stride_kb, stride_ks, stride_vb, stride_vs,
-    scale_log2, softcap, sliding_window,
+    scale_log2, softcap_log2, sliding_window,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     MASKED: tl.constexpr,  # False: every (row, key) of these tiles is visible, skip all masks
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -114,8 +113,8 @@ def _attend_tiles(
 
         s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, TILE] fp32
         if USE_SOFTCAP:
-            # softcap * tanh(x / softcap), tanh(y) = 2 * sigmoid(2y) - 1; result scaled to base 2.
-            s = (softcap * LOG2E) * (2.0 * tl.sigmoid((2.0 * scale_log2 / (softcap * LOG2E)) * s) - 1.0)
+            # softcap * tanh(x / softcap) with x = s * scale, tanh(y) = 2 * sigmoid(2y) - 1, in base 2.
+            s = softcap_log2 * (2.0 * tl.sigmoid((2.0 * scale_log2 / softcap_log2) * s) - 1.0)
         else:
             s = s * scale_log2
         if MASKED:
@@ -153,7 +152,7 @@ def _paged_attention_kernel(
     q_blocks_per_row,  # q-blocks per row when ROW_GRID (cdiv(max_query_len, BLOCK_Q))
     num_splits,
     scale_log2,  # scale * LOG2E
-    softcap,
+    softcap_log2,  # softcap * LOG2E
     sliding_window,
     stride_qt, stride_qh,
     stride_ot, stride_oh,
@@ -234,7 +233,7 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     if USE_SINKS:  # the sink is one more logit in the denominator; count it in split 0 only
-        sink = tl.load(sinks_ptr + head).to(tl.float32) * LOG2E  # [BLOCK_M]
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634  # [BLOCK_M], base 2
         m_i = tl.where(split == 0, sink, m_i)
         l_i = tl.where(split == 0, 1.0, l_i)
 
@@ -244,19 +243,19 @@ def _paged_attention_kernel(
     if USE_WINDOW:  # tiles cut by the window's lower edge
         acc, m_i, l_i = _attend_tiles(
             acc, m_i, l_i, q, pos, k_base, v_base, bt_row, t_begin, tl.minimum(t_end, full_lo),
-            kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap,
+            kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap_log2,
             sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW,
             DOT_PRECISION,
         )
     acc, m_i, l_i = _attend_tiles(  # tiles every row sees in full
         acc, m_i, l_i, q, pos, k_base, v_base, bt_row, tl.maximum(t_begin, full_lo),
         tl.minimum(t_end, full_hi), kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
-        scale_log2, softcap, sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, False, USE_SOFTCAP,
+        scale_log2, softcap_log2, sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, False, USE_SOFTCAP,
         USE_WINDOW, DOT_PRECISION,
     )
     acc, m_i, l_i = _attend_tiles(  # tiles cut by the causal diagonal (and the sequence end)
         acc, m_i, l_i, q, pos, k_base, v_base, bt_row, tl.maximum(t_begin, full_hi), t_end,
-        kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap,
+        kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap_log2,
         sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW,
         DOT_PRECISION,
     )
@@ -469,8 +468,8 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
         num_seqs=num_seqs,
         q_blocks_per_row=per_row,
         num_splits=cfg.num_splits,
-        scale_log2=scale * LOG2E.value,
-        softcap=softcap if softcap is not None else 0.0,
+        scale_log2=scale * LOG2E,
+        softcap_log2=softcap * LOG2E if softcap is not None else 0.0,
         sliding_window=sliding_window if sliding_window is not None else 0,
         stride_qt=query.stride(0),
         stride_qh=query.stride(1),
