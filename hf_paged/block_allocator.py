@@ -27,6 +27,7 @@ class BlockAllocator:
         self._free: deque[int] = deque(range(num_blocks))
         self._ref_count = [0] * num_blocks
         self._lock = threading.Lock()
+        self.peak_used = 0  # high-water mark of num_used, for memory reports
 
     @property
     def num_free(self) -> int:
@@ -50,6 +51,7 @@ class BlockAllocator:
             for b in blocks:
                 assert self._ref_count[b] == 0, f"block {b} was free with ref_count {self._ref_count[b]}"
                 self._ref_count[b] = 1
+            self.peak_used = max(self.peak_used, self.num_blocks - len(self._free))
             return blocks
 
     def share(self, blocks: list[int]) -> None:
@@ -67,6 +69,9 @@ class BlockAllocator:
                 self._ref_count[b] -= 1
                 if self._ref_count[b] == 0:
                     self._free.append(b)
+
+    def reset_peak(self) -> None:
+        self.peak_used = self.num_used
 
     def ref_count(self, block: int) -> int:
         return self._ref_count[block]

@@ -1,0 +1,122 @@
+"""Turns a ``ScheduledBatch`` into one packed forward of the model and returns the sampling rows' logits.
+
+The packed batch is one row of ``T = sum(query_len)`` tokens: request b's tokens ``[context_len,
+seq_len)`` in order, each at its own position. The attention never sees a mask: the ``hf_paged``
+attention function reads the step's block tables and lengths from the cache (``set_step``), and a
+tiny dummy 4D ``attention_mask`` makes transformers return it as-is instead of building one
+(``masking_utils._preprocess_mask_arguments``: "If the mask is already 4D, simply return as-is").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import active_cache, implementation_switch
+from .cache import PagedCache
+from .kv_pool import KVLayout, KVPool
+from .metadata import build_step_metadata
+from .scheduler import ScheduledBatch
+
+
+def kv_layout_from_config(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | str) -> KVLayout:
+    """The K/V shape of one token in one layer, from the config, so the pool is sized before any forward."""
+    config = model.config.get_text_config()
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
+    if num_kv_heads is None:
+        num_kv_heads = 1 if getattr(config, "multi_query", False) else num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return KVLayout(config.num_hidden_layers, num_kv_heads, head_dim, dtype, torch.device(device))
+
+
+def max_model_len(model: torch.nn.Module) -> int | None:
+    """Longest sequence the model's positions cover (None when the config names no limit)."""
+    config = model.config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class ModelRunner:
+    """Runs the model on packed steps against the pool, through a ``PagedCache`` planned by the scheduler.
+
+    Args:
+        model: a transformers causal LM whose attention goes through ``ALL_ATTENTION_FUNCTIONS``.
+        pool: the KV pool (its layout must match what the model's layers produce).
+        backend: attention backend ("auto", "torch" or "triton").
+    """
+
+    def __init__(self, model: torch.nn.Module, pool: KVPool, backend: str) -> None:
+        self.model = model
+        self.pool = pool
+        self.device = pool.layout.device
+        self.cache = PagedCache.for_external_steps(pool, pool.layout.num_layers, backend=backend)
+        self.switch = implementation_switch(model)
+        # Returned as-is by the mask code; the paged attention ignores it.
+        self.dummy_mask = torch.zeros((1, 1, 1, 1), dtype=pool.layout.dtype, device=self.device)
+        self._layout_checked = False
+
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Forward the step; returns ``[R, V]`` logits of the requests that sample, in batch order."""
+        input_ids: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        block_tables: list[list[int]] = []
+        keep: list[int] = []  # packed index of each sampling request's last token
+        for s in batch.requests:
+            r = s.request
+            input_ids.extend(r.token_ids[s.context_len : s.seq_len])
+            query_lens.append(s.num_scheduled_tokens)
+            seq_lens.append(s.seq_len)
+            block_tables.append(r.block_ids)
+            if s.samples:
+                keep.append(len(input_ids) - 1)
+
+        # position of packed token t of row b = context_len[b] + (t - query_start[b])
+        q = torch.tensor(query_lens)
+        context = torch.tensor(seq_lens) - q
+        starts = torch.cumsum(q, 0) - q
+        row = torch.repeat_interleave(torch.arange(len(query_lens)), q)
+        positions = context[row] + torch.arange(len(input_ids)) - starts[row]
+
+        host = torch.stack([torch.tensor(input_ids), positions])  # [2, T] int64: one copy
+        keep_host = torch.tensor(keep, dtype=torch.long)
+        if self.device.type == "cuda":
+            host, keep_host = host.pin_memory(), keep_host.pin_memory()
+        dev = host.to(self.device, non_blocking=True)
+        logits_to_keep = keep_host.to(self.device, non_blocking=True)
+
+        step = build_step_metadata(query_lens, seq_lens, block_tables, self.pool.block_size, self.device)
+        self.cache.set_step(step)
+        if not self._layout_checked:
+            self._check_layout_on_first_update()
+        with torch.inference_mode(), self.switch, active_cache(self.cache):
+            out = self.model(
+                input_ids=dev[0:1],
+                position_ids=dev[1:2],
+                attention_mask=self.dummy_mask,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+            )
+        return out.logits[0]  # [R, V]
+
+    def _check_layout_on_first_update(self) -> None:
+        """Wrap the cache's ``update`` for one forward to assert the real K/V match the pool's layout."""
+        cache, layout = self.cache, self.pool.layout
+
+        def checked_update(key_states, value_states, layer_idx, *args, **kwargs):
+            _, heads, _, head_dim = key_states.shape
+            got = (heads, head_dim, key_states.dtype, key_states.device)
+            want = (layout.num_kv_heads, layout.head_dim, layout.dtype, layout.device)
+            assert got == want and layer_idx < layout.num_layers, (
+                f"the model's K/V of layer {layer_idx} are (heads, head_dim, dtype, device) = {got}, but the pool "
+                f"was sized from the config as {want} with {layout.num_layers} layers"
+            )
+            del cache.update  # back to the class method: one check per generator is enough
+            self._layout_checked = True
+            return cache.update(key_states, value_states, layer_idx, *args, **kwargs)
+
+        cache.update = checked_update

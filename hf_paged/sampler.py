@@ -1,0 +1,244 @@
+"""Batched on-device sampling from per-row parameter tensors.
+
+Every row of a step has its own temperature, top-k, top-p, min-p, repetition penalty and seed, held
+in ``[R]`` tensors built once per step (``Sampler.prepare``). ``Sampler.sample`` then runs the same
+few tensor ops for the whole batch, with no per-row Python and one host sync: the final ``.tolist()``.
+Stages that no row uses (e.g. the sort for top-k/top-p) are skipped, decided on the host from the
+parameters, never from device values.
+
+Seeded sampling is reproducible whatever else is in the batch: a row's noise is a counter-based hash
+of (seed, position of the token being sampled, vocab index), computed with int64 tensor ops, turned
+into Gumbel noise, and the sample is ``argmax(filtered_logits / T + gumbel)`` (Gumbel-max). So the
+noise a request sees depends on nothing but its own seed and its own length, and a preempted and
+recomputed request draws the same tokens again.
+
+Repetition penalty keeps, per request, a presence row over the vocabulary (``[slots, V]`` bool table)
+that is filled once from the prompt and then only gets each sampled token, on the device: no step
+re-reads a request's whole context on the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .request import Request, TokenLogprobs
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for ``0 <= x < 2**32`` in int64 without overflow (16-bit halves)."""
+    lo = x & 0xFFFF
+    hi = x >> 16
+    return ((((hi * c) & 0xFFFF) << 16) + lo * c) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """Chris Wellons' ``lowbias32`` integer hash: a bijection of [0, 2**32) with good avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, positions: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise ``[R, V]`` from per-row (seed, position) ``[R]`` int64 and hashed vocab ids ``[V]``."""
+    key = _mix32(seed_lo ^ _mix32(seed_hi ^ _mix32((positions & _M32) ^ 0x9E3779B9)))  # [R]
+    h = _mix32((key[:, None] + vocab_hash[None, :]) & _M32)  # [R, V]
+    # 24 random bits -> uniform in (0, 1) exactly representable in float32.
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(u))
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """Per-row sampling parameters of one step (device tensors) plus host-side switches."""
+
+    temperature: torch.Tensor  # [R] float32; 1 on greedy rows (they take the argmax anyway)
+    top_k: torch.Tensor  # [R] int64; V when off
+    top_p: torch.Tensor  # [R] float32
+    min_p: torch.Tensor  # [R] float32
+    penalty: torch.Tensor  # [R] float32 repetition penalty
+    seed_lo: torch.Tensor  # [R] int64, low 32 bits of the row's seed
+    seed_hi: torch.Tensor  # [R] int64, high 32 bits
+    positions: torch.Tensor  # [R] int64 position of the token being sampled (= request.num_tokens)
+    greedy: torch.Tensor  # [R] bool
+    penalty_rows: torch.Tensor | None  # [P] int64 rows with a repetition penalty (None: no row has one)
+    penalty_slots: torch.Tensor | None  # [P] int64 their presence-table rows (distinct)
+    all_greedy: bool
+    use_top_k: bool
+    use_top_p: bool
+    use_min_p: bool
+    num_logprobs: int | None  # max logprobs over rows that asked (None: no row asked)
+    logprob_rows: list[int | None]  # per row: how many top logprobs it wants, None = no logprobs
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]  # one sampled id per row
+    logprobs: list[TokenLogprobs | None] | None  # per row, when any row asked for logprobs
+
+
+class Sampler:
+    """Samples one token per row of a step's logits; owns the repetition-penalty presence table."""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = torch.device(device)
+        self.vocab_hash = _mix32(torch.arange(vocab_size, dtype=torch.int64, device=self.device) ^ 0x5BD1E995)
+        self.presence: torch.Tensor | None = None  # [slots, V] bool: tokens in each penalised request
+        self._slot_of: dict[int, int] = {}  # request_id -> presence row
+        self._free_slots: list[int] = []
+
+    # ---- host side, once per step ----------------------------------------------------------------
+    def prepare(self, requests: list[Request]) -> SamplingBatch:
+        """Parameters of the sampling rows (in batch order): one host->device copy for all of them."""
+        vocab = self.vocab_size
+        rows = []
+        penalty_rows: list[int] = []
+        penalty_slots: list[int] = []
+        for r in requests:
+            p = r.params
+            greedy = p.temperature == 0
+            rows.append(
+                (
+                    1.0 if greedy else p.temperature,
+                    p.top_k if p.top_k > 0 else vocab,
+                    p.top_p,
+                    p.min_p,
+                    p.repetition_penalty,
+                    r.seed & _M32,
+                    (r.seed >> 32) & _M32,
+                    r.num_tokens,
+                    1.0 if greedy else 0.0,
+                )
+            )
+            if p.repetition_penalty != 1.0:
+                penalty_rows.append(len(rows) - 1)
+                penalty_slots.append(self._slot(r))
+        # float64 holds every value exactly (ints < 2**53), so one copy carries all columns.
+        host = torch.tensor(rows, dtype=torch.float64).view(len(rows), 9)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        cols = host.to(self.device, non_blocking=True).unbind(1)
+        all_greedy = all(r.params.temperature == 0 for r in requests)
+        sampling = [r.params for r in requests if r.params.temperature != 0]
+        logprob_rows = [r.params.logprobs for r in requests]
+        asked = [k for k in logprob_rows if k is not None]
+        return SamplingBatch(
+            temperature=cols[0].float(),
+            top_k=cols[1].long(),
+            top_p=cols[2].float(),
+            min_p=cols[3].float(),
+            penalty=cols[4].float(),
+            seed_lo=cols[5].long(),
+            seed_hi=cols[6].long(),
+            positions=cols[7].long(),
+            greedy=cols[8] > 0,
+            penalty_rows=torch.tensor(penalty_rows).to(self.device) if penalty_rows else None,
+            penalty_slots=torch.tensor(penalty_slots).to(self.device) if penalty_rows else None,
+            all_greedy=all_greedy,
+            use_top_k=any(p.top_k > 0 for p in sampling),
+            use_top_p=any(p.top_p < 1 for p in sampling),
+            use_min_p=any(p.min_p > 0 for p in sampling),
+            num_logprobs=max(asked) if asked else None,
+            logprob_rows=logprob_rows,
+        )
+
+    def _slot(self, request: Request) -> int:
+        """The request's presence row, created (from all its tokens so far) on first use."""
+        slot = self._slot_of.get(request.request_id)
+        if slot is not None:
+            return slot
+        if not self._free_slots:
+            old = 0 if self.presence is None else self.presence.shape[0]
+            grown = torch.zeros((max(8, 2 * old), self.vocab_size), dtype=torch.bool, device=self.device)
+            if self.presence is not None:
+                grown[:old] = self.presence
+            self.presence = grown
+            self._free_slots = list(range(grown.shape[0] - 1, old - 1, -1))
+        slot = self._free_slots.pop()
+        self._slot_of[request.request_id] = slot
+        ids = torch.tensor(request.token_ids, dtype=torch.long).to(self.device)
+        self.presence[slot] = False
+        self.presence[slot, ids.clamp(max=self.vocab_size - 1)] = True
+        return slot
+
+    def release(self, request: Request) -> None:
+        """Forget a finished request's presence row."""
+        slot = self._slot_of.pop(request.request_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+
+    def reset(self) -> None:
+        self._slot_of.clear()
+        self._free_slots = [] if self.presence is None else list(range(self.presence.shape[0] - 1, -1, -1))
+
+    # ---- device side ---------------------------------------------------------------------------
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """One token per row of ``logits`` ``[R, V]``. The only host sync is the final ``.tolist()``."""
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [R, V]
+        if batch.penalty_rows is not None:
+            x = self._apply_penalty(x, batch)
+        logprobs = torch.log_softmax(x, dim=-1) if batch.num_logprobs is not None else None
+        token_ids = x.argmax(dim=-1)  # [R] greedy choice
+        if not batch.all_greedy:
+            token_ids = torch.where(batch.greedy, token_ids, self._draw(x, batch))
+        if batch.penalty_rows is not None:
+            self.presence[batch.penalty_slots, token_ids[batch.penalty_rows]] = True
+        if logprobs is None:
+            return SamplerOutput(token_ids.tolist(), None)
+        return SamplerOutput(*self._logprobs_to_host(token_ids, logprobs, batch))
+
+    def _apply_penalty(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        # HF RepetitionPenaltyLogitsProcessor: seen tokens' logits are divided (>0) or multiplied (<0).
+        rows = batch.penalty_rows
+        sub = x[rows]  # [P, V]
+        pen = batch.penalty[rows][:, None].to(x.dtype)
+        seen = self.presence[batch.penalty_slots, : x.shape[-1]]  # [P, V]
+        return x.index_copy(0, rows, torch.where(seen, torch.where(sub < 0, sub * pen, sub / pen), sub))
+
+    def _draw(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Gumbel-max over the temperature-scaled, top-k/top-p/min-p filtered logits."""
+        x = x / batch.temperature[:, None].to(x.dtype)
+        noise = gumbel_noise(batch.seed_lo, batch.seed_hi, batch.positions, self.vocab_hash[: x.shape[-1]])
+        if not (batch.use_top_k or batch.use_top_p or batch.use_min_p):
+            return (x + noise).argmax(dim=-1)
+        # Ascending sort, like HF's warpers: the most likely token is last.
+        sorted_x, order = x.sort(dim=-1)  # [R, V]
+        vocab = x.shape[-1]
+        neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+        if batch.use_top_k:
+            rank = torch.arange(vocab, device=x.device)
+            sorted_x = torch.where(rank[None, :] >= vocab - batch.top_k[:, None], sorted_x, neg_inf)
+        if batch.use_top_p:
+            cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+            drop = (cum <= (1 - batch.top_p[:, None]).to(x.dtype)) & (batch.top_p[:, None] < 1)
+            drop[:, -1] = False
+            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        if batch.use_min_p:
+            probs = sorted_x.softmax(dim=-1)
+            drop = probs < batch.min_p[:, None].to(x.dtype) * probs[:, -1:]
+            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+        choice = (sorted_x + noise.gather(-1, order)).argmax(dim=-1, keepdim=True)  # [R, 1]
+        return order.gather(-1, choice).squeeze(-1)
+
+    def _logprobs_to_host(self, token_ids: torch.Tensor, logprobs: torch.Tensor, batch: SamplingBatch):
+        chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(-1)  # [R]
+        k = batch.num_logprobs
+        top_lp, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], token_ids[:, None][:, :0])
+        # One transfer for everything: ids, chosen logprob, top ids, top logprobs (float64 holds ids exactly).
+        packed = torch.cat([token_ids[:, None].double(), chosen[:, None].double(), top_ids.double(), top_lp.double()], dim=1)
+        host = packed.tolist()
+        ids = [int(row[0]) for row in host]
+        out: list[TokenLogprobs | None] = []
+        for row, want in zip(host, batch.logprob_rows):
+            if want is None:
+                out.append(None)
+                continue
+            top = tuple((int(row[2 + j]), row[2 + k + j]) for j in range(want))
+            out.append(TokenLogprobs(int(row[0]), row[1], top))
+        return ids, out
