@@ -1,0 +1,357 @@
+"""``ContinuousGenerator``: continuous batching for an ordinary transformers causal LM.
+
+    gen = ContinuousGenerator(model, tokenizer)
+    results = gen.generate(["Hello", "The capital of France is"], SamplingParams(max_new_tokens=32))
+    for event in gen.stream(prompts): ...
+
+The step loop is synchronous and lets every exception surface (after freeing every KV block)::
+
+    batch = scheduler.schedule()                  # which tokens of which requests, within the budgets
+    logits = runner.execute(batch)                # one packed forward over the paged KV pool
+    out = sampler.sample(logits, sampler.prepare(batch.sampling requests))
+    scheduler.update(batch, out.token_ids, ...)   # append, check stops, free finished requests' blocks
+
+The generator only wires these together; it owns the pool (created once) and the per-run statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from .enable import uses_attention_interface
+from .kv_pool import KVPool
+from .model_runner import ModelRunner, kv_layout_from_config, max_model_len
+from .options import BACKENDS, PoolOptions
+from .request import GenerationResult, IncrementalDetokenizer, Request, SampleResult, StreamEvent
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratorOptions:
+    """Options of ``ContinuousGenerator``; see its docstring."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    memory_fraction: float = 0.9
+    cpu_memory_bytes: int = 1 << 30
+    backend: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be a bool, got {self.progress!r}")
+        self.pool()  # validates the pool fields
+
+    def pool(self) -> PoolOptions:
+        return PoolOptions(
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            memory_fraction=self.memory_fraction,
+            cpu_memory_bytes=self.cpu_memory_bytes,
+        )
+
+
+@dataclass(slots=True)
+class GeneratorStats:
+    """Counters of the latest ``generate``/``stream`` run (reset when the next one starts)."""
+
+    steps: int = 0  # forward steps
+    preemptions: int = 0  # requests preempted (their K/V dropped, to be recomputed)
+    recomputed_tokens: int = 0  # tokens whose K/V preemption threw away
+    prompt_tokens: int = 0  # prompt tokens submitted (each of n samples counts)
+    generated_tokens: int = 0  # tokens sampled
+    kv_blocks_used: int = 0  # blocks in use now
+    kv_blocks_peak: int = 0  # most blocks in use after any step's scheduling
+    kv_blocks_total: int = 0  # blocks in the pool
+
+
+class ContinuousGenerator:
+    """Generates for many prompts at once with continuous batching over a paged KV pool.
+
+    Args:
+        model: a transformers causal LM whose attention goes through ``ALL_ATTENTION_FUNCTIONS``
+            (Llama, Mistral, Qwen, Gemma, Phi, GPT-NeoX, GPT-2, OPT, ...), in eval mode.
+        tokenizer: needed for string prompts, stop strings and text outputs.
+        block_size: tokens per KV block (a multiple of 16).
+        num_blocks: KV pool size in blocks; None sizes it from ``memory_fraction`` (CUDA: of the free
+            memory now) or ``cpu_memory_bytes`` (other devices).
+        max_num_seqs: most requests running at once.
+        max_num_batched_tokens: most tokens in one forward step (prompts are chunked to fit).
+        backend: attention backend, "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+        progress: show a tqdm bar over finished sequences.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        memory_fraction: float = 0.9,
+        cpu_memory_bytes: int = 1 << 30,
+        backend: str = "auto",
+        progress: bool = True,
+    ) -> None:
+        self.options = GeneratorOptions(
+            block_size=block_size,
+            num_blocks=num_blocks,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            memory_fraction=memory_fraction,
+            cpu_memory_bytes=cpu_memory_bytes,
+            backend=backend,
+            progress=progress,
+        )
+        if not uses_attention_interface(model):
+            raise NotImplementedError(
+                f"{type(model).__name__} hard-codes its attention, so it cannot run packed continuous batches; "
+                "use hf_paged.enable(model) and model.generate(...) instead (paged KV memory, dense attention)"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        param = next(model.parameters())
+        self.pool = KVPool.create(self.options.pool(), kv_layout_from_config(model, param.dtype, param.device))
+        self.runner = ModelRunner(model, self.pool, self.options.backend)
+        out_emb = model.get_output_embeddings()
+        vocab = out_emb.weight.shape[0] if out_emb is not None else model.config.get_text_config().vocab_size
+        self.sampler = Sampler(vocab, param.device)
+        self.num_embeddings = model.get_input_embeddings().weight.shape[0]
+        self.max_model_len = max_model_len(model)
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self._stats = GeneratorStats(kv_blocks_total=self.pool.num_blocks)
+        self._busy = False
+        self._next_request_id = 0
+
+    @property
+    def stats(self) -> GeneratorStats:
+        return replace(self._stats, kv_blocks_used=self.pool.allocator.num_used)
+
+    # ---- public API ------------------------------------------------------------------------------
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[GenerationResult]:
+        """Generate for every prompt; results in input order. Every input is validated before any work."""
+        requests = self._make_requests(prompts, sampling_params, streaming=False)
+        with contextlib.closing(self._run(requests)) as steps:
+            for _ in steps:
+                pass
+        return self._results(requests, len(prompts))
+
+    def stream(
+        self, prompts: Sequence[str | Sequence[int]], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> Iterator[StreamEvent]:
+        """Like ``generate``, but yields a ``StreamEvent`` per sample as each token is produced.
+
+        Inputs are validated now, generation runs as the iterator is consumed. Leaving the iteration
+        early stops generation and frees every block.
+        """
+        requests = self._make_requests(prompts, sampling_params, streaming=True)
+        return self._stream(requests)
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def _stream(self, requests: list[Request]) -> Iterator[StreamEvent]:
+        with contextlib.closing(self._run(requests)) as steps:
+            for advanced in steps:
+                for request in advanced:
+                    yield self._event(request)
+
+    def _run(self, requests: list[Request]) -> Iterator[list[Request]]:
+        """Step until every request finishes, yielding the requests that got a token each step."""
+        if self._busy:
+            raise RuntimeError("this ContinuousGenerator is already running a generate()/stream(); finish it first")
+        self._busy = True
+        opts = self.options
+        scheduler = Scheduler(
+            self.pool.allocator,
+            self.pool.block_size,
+            max_num_seqs=opts.max_num_seqs,
+            max_num_batched_tokens=opts.max_num_batched_tokens,
+            eos_token_ids=self.eos_token_ids,
+            max_model_len=self.max_model_len,
+        )
+        stats = self._stats = GeneratorStats(
+            prompt_tokens=sum(r.prompt_len for r in requests), kv_blocks_total=self.pool.num_blocks
+        )
+        for request in requests:
+            scheduler.add(request)
+        bar = _progress_bar(len(requests), opts.progress)
+        try:
+            while scheduler.has_unfinished():
+                with torch.inference_mode():
+                    batch = scheduler.schedule()
+                    stats.steps += 1
+                    stats.kv_blocks_peak = max(stats.kv_blocks_peak, self.pool.allocator.num_used)
+                    logits = self.runner.execute(batch)
+                    sampling = [s.request for s in batch.sampling]
+                    if sampling:
+                        out = self.sampler.sample(logits, self.sampler.prepare(sampling))
+                        advanced = scheduler.update(batch, out.token_ids, out.logprobs)
+                    else:
+                        advanced = scheduler.update(batch, [])
+                stats.generated_tokens += len(advanced)
+                stats.preemptions = scheduler.num_preemptions
+                stats.recomputed_tokens = scheduler.num_recomputed_tokens
+                for request in advanced:
+                    if request.finished:
+                        self.sampler.release(request)
+                        bar.update(1)
+                yield advanced
+        except BaseException:
+            # KeyboardInterrupt, an error in a forward, or the consumer of stream() leaving early.
+            scheduler.abort_all()
+            raise
+        finally:
+            self.sampler.reset()
+            bar.close()
+            self._busy = False
+
+    # ---- inputs ----------------------------------------------------------------------------------
+    def _make_requests(self, prompts: Any, sampling_params: Any, *, streaming: bool) -> list[Request]:
+        """Validate every prompt and parameter set, then build the requests (n per prompt)."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}")
+        if sampling_params is None:
+            params_list = [SamplingParams()] * len(prompts)
+        elif isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts; pass one or one per prompt")
+
+        checked = [self._check(i, prompt, params) for i, (prompt, params) in enumerate(zip(prompts, params_list))]
+
+        requests = []
+        now = time.perf_counter()
+        for i, (ids, params) in enumerate(checked):
+            base_seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
+            for k in range(params.n):
+                needs_text = self.tokenizer is not None and (streaming or bool(params.stop))
+                requests.append(
+                    Request(
+                        request_id=self._next_request_id,
+                        index=i,
+                        sample=k,
+                        prompt_len=len(ids),
+                        token_ids=list(ids),
+                        params=params,
+                        seed=base_seed + k,
+                        arrival_time=now,
+                        logprobs=[] if params.logprobs is not None else None,
+                        detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop) if needs_text else None,
+                    )
+                )
+                self._next_request_id += 1
+        return requests
+
+    def _check(self, i: int, prompt: Any, params: Any) -> tuple[list[int], SamplingParams]:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"request {i}: sampling_params must be a SamplingParams, got {type(params).__name__}")
+        try:
+            params.validate()
+        except ValueError as e:
+            raise ValueError(f"request {i}: {e}") from None
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"request {i}: stop strings {params.stop!r} need a tokenizer")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"request {i}: prompt is a string but the generator has no tokenizer; pass token ids")
+            ids = list(self.tokenizer(prompt).input_ids)
+        elif isinstance(prompt, (Sequence, torch.Tensor)):
+            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+            bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.num_embeddings), None)
+            if bad is not None:
+                raise ValueError(f"request {i}: prompt token id {bad!r} is not an int in [0, {self.num_embeddings})")
+        else:
+            raise ValueError(f"request {i}: a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"request {i}: the prompt is empty")
+        if self.max_model_len is not None and len(ids) > self.max_model_len:
+            raise ValueError(f"request {i}: the prompt has {len(ids)} tokens, more than the model's context ({self.max_model_len})")
+        bs = self.pool.block_size
+        need = -(-(len(ids) + params.max_new_tokens) // bs)
+        if need > self.pool.num_blocks:
+            raise ValueError(
+                f"request {i}: prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs {need} KV "
+                f"blocks of {bs} tokens, but the pool holds {self.pool.num_blocks}; raise num_blocks or lower max_new_tokens"
+            )
+        return ids, params
+
+    # ---- outputs ---------------------------------------------------------------------------------
+    def _text(self, request: Request) -> str | None:
+        if request.detokenizer is not None:
+            return request.detokenizer.text
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+        return None
+
+    def _results(self, requests: list[Request], num_prompts: int) -> list[GenerationResult]:
+        by_prompt: list[list[Request]] = [[] for _ in range(num_prompts)]
+        for request in requests:  # created in (prompt, sample) order
+            by_prompt[request.index].append(request)
+        results = []
+        for i, group in enumerate(by_prompt):
+            samples = [SampleResult(r.output_token_ids, self._text(r), r.finish_reason, r.logprobs) for r in group]
+            first = samples[0]
+            arrival = group[0].arrival_time
+            results.append(
+                GenerationResult(
+                    index=i,
+                    prompt_token_ids=group[0].prompt_token_ids,
+                    token_ids=first.token_ids,
+                    text=first.text,
+                    finish_reason=first.finish_reason,
+                    samples=samples,
+                    logprobs=first.logprobs,
+                    ttft_s=min(r.first_token_time for r in group) - arrival,
+                    latency_s=max(r.finish_time for r in group) - arrival,
+                )
+            )
+        return results
+
+    def _event(self, request: Request) -> StreamEvent:
+        new_ids = request.token_ids[request.prompt_len + request.num_streamed_tokens :]
+        request.num_streamed_tokens += len(new_ids)
+        text = None
+        detok = request.detokenizer
+        if detok is not None:
+            end = detok.stable_text_len(request.finished)
+            text = detok.text[request.num_streamed_chars : end]
+            request.num_streamed_chars = max(end, request.num_streamed_chars)
+        return StreamEvent(request.index, request.sample, new_ids, text, request.finished, request.finish_reason)
+
+
+def _eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids: the generation config's (int or list), else the tokenizer's."""
+    gen_config = getattr(model, "generation_config", None)
+    eos = getattr(gen_config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit="seq", desc="hf_paged")
