@@ -203,32 +203,12 @@ class Sampler:
 
     def _draw(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Gumbel-max over the temperature-scaled, top-k/top-p/min-p filtered logits."""
-        x = x / batch.temperature[:, None].to(x.dtype)
         noise = gumbel_noise(batch.seed_lo, batch.seed_hi, batch.positions, self.vocab_hash[: x.shape[-1]])
-        if not (batch.use_top_k or batch.use_top_p or batch.use_min_p):
-            return (x + noise).argmax(dim=-1)
-        # Ascending sort, like HF's warpers: the most likely token is last.
-        sorted_x, order = x.sort(dim=-1)  # [R, V]
-        vocab = x.shape[-1]
-        neg_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
-        if batch.use_top_k:
-            rank = torch.arange(vocab, device=x.device)
-            sorted_x = torch.where(rank[None, :] >= vocab - batch.top_k[:, None], sorted_x, neg_inf)
-        if batch.use_top_p:
-            cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
-            drop = (cum <= (1 - batch.top_p[:, None]).to(x.dtype)) & (batch.top_p[:, None] < 1)
-            drop[:, -1] = False
-            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-        if batch.use_min_p:
-            probs = sorted_x.softmax(dim=-1)
-            drop = probs < batch.min_p[:, None].to(x.dtype) * probs[:, -1:]
-            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-        choice = (sorted_x + noise.gather(-1, order)).argmax(dim=-1, keepdim=True)  # [R, 1]
-        return order.gather(-1, choice).squeeze(-1)
+        return (filter_logits(x, batch) + noise).argmax(dim=-1)
 
     def _logprobs_to_host(self, token_ids: torch.Tensor, logprobs: torch.Tensor, batch: SamplingBatch):
         chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(-1)  # [R]
-        k = batch.num_logprobs
+        k = min(batch.num_logprobs, logprobs.shape[-1])
         top_lp, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], token_ids[:, None][:, :0])
         # One transfer for everything: ids, chosen logprob, top ids, top logprobs (float64 holds ids exactly).
         packed = torch.cat([token_ids[:, None].double(), chosen[:, None].double(), top_ids.double(), top_lp.double()], dim=1)
@@ -239,6 +219,31 @@ class Sampler:
             if want is None:
                 out.append(None)
                 continue
-            top = tuple((int(row[2 + j]), row[2 + k + j]) for j in range(want))
+            top = tuple((int(row[2 + j]), row[2 + k + j]) for j in range(min(want, k)))
             out.append(TokenLogprobs(int(row[0]), row[1], top))
         return ids, out
+
+
+def filter_logits(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p as HF's warpers do them; removed tokens get -inf.
+
+    ``x``: ``[R, V]`` penalised logits. Greedy rows have temperature 1 here (they take the argmax anyway).
+    """
+    x = x / batch.temperature[:, None].to(x.dtype)
+    if not (batch.use_top_k or batch.use_top_p or batch.use_min_p):
+        return x
+    # Ascending sort, like HF's warpers: the most likely token is last.
+    sorted_x, order = x.sort(dim=-1)  # [R, V]
+    vocab = x.shape[-1]
+    if batch.use_top_k:
+        rank = torch.arange(vocab, device=x.device)
+        sorted_x = sorted_x.masked_fill(rank[None, :] < vocab - batch.top_k[:, None], float("-inf"))
+    if batch.use_top_p:
+        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+        drop = (cum <= (1 - batch.top_p[:, None]).to(x.dtype)) & (batch.top_p[:, None] < 1)
+        drop[:, -1] = False  # always keep the most likely token
+        sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    if batch.use_min_p:
+        probs = sorted_x.softmax(dim=-1)
+        sorted_x = sorted_x.masked_fill(probs < batch.min_p[:, None].to(x.dtype) * probs[:, -1:], float("-inf"))
+    return torch.empty_like(sorted_x).scatter_(-1, order, sorted_x)
