@@ -180,6 +180,7 @@ class Sampler:
     # ---- device side ---------------------------------------------------------------------------
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """One token per row of ``logits`` ``[R, V]``. The only host sync is the final ``.tolist()``."""
+        assert logits.shape[0] == batch.temperature.shape[0], f"{logits.shape[0]} logit rows for {batch.temperature.shape[0]} requests"
         x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [R, V]
         if batch.penalty_rows is not None:
             x = self._apply_penalty(x, batch)
