@@ -16,6 +16,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=8)
     demo.add_argument("--new-tokens", type=int, default=32)
     demo.add_argument("--block-size", type=int, default=16)
+    bench = sub.add_parser("bench", help="ContinuousGenerator vs HF generate vs HF generate_batch, side by side")
+    bench.add_argument("--model", default="tiny", help="tiny | llama-1b | llama-8b (random weights) or a local model folder")
+    bench.add_argument("--device")
+    bench.add_argument("--dtype")
+    bench.add_argument("--num-prompts", type=int, default=32)
+    bench.add_argument("--min-len", type=int, default=16)
+    bench.add_argument("--max-len", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument("--hf-batch-size", type=int, default=16)
+    bench.add_argument("--max-num-seqs", type=int, default=256)
+    bench.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    bench.add_argument("--systems", default="continuous,hf_static,hf_generate_batch,enable_generate")
+    bench.add_argument("--plot", help="write a PNG of throughput vs concurrency to this path")
     return parser
 
 
@@ -27,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             args = build_parser().parse_args(["demo"])
         return main_demo(args)
+    if args.command == "bench":
+        from .bench import main_bench
+
+        return main_bench(args)
     raise SystemExit(f"unknown command {args.command!r}")
 
 

@@ -1,0 +1,264 @@
+"""End-to-end throughput comparison: ContinuousGenerator vs HF static ``generate`` vs HF ``generate_batch``.
+
+Every system runs the same random-weight model and the same workload (random token prompts with
+lengths drawn from U[min_len, max_len], greedy, EOS ignored, exactly ``new_tokens`` generated per
+request) in one process, so the numbers are side by side. Used by ``hf-paged bench`` and by the
+pytest-benchmark suite in ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import transformers
+
+# Random-weight shapes of the anchors (../shared/docs/anchors.md §3.2) plus a CPU-sized one.
+SHAPES: dict[str, dict] = {
+    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=2048, tie_word_embeddings=True),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+}
+SYSTEMS = ("continuous", "hf_static", "hf_generate_batch", "enable_generate")
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    num_prompts: int
+    min_len: int
+    max_len: int
+    new_tokens: int
+    seed: int = 0
+
+    def prompts(self, vocab_size: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed)
+        lens = torch.randint(self.min_len, self.max_len + 1, (self.num_prompts,), generator=g).tolist()
+        return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lens]
+
+
+@dataclass(slots=True)
+class BenchResult:
+    system: str
+    output_tokens: int
+    prompt_tokens: int
+    wall_s: float
+    peak_mem_gib: float | None = None
+    ttft_p50_s: float | None = None
+    ttft_p99_s: float | None = None
+    tpot_p50_s: float | None = None
+    tpot_p99_s: float | None = None
+    kv_blocks_peak: int | None = None
+    kv_blocks_total: int | None = None
+    preemptions: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def out_tok_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+    @property
+    def total_tok_s(self) -> float:
+        return (self.output_tokens + self.prompt_tokens) / self.wall_s
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "out_tok_s": self.out_tok_s, "total_tok_s": self.total_tok_s}
+
+
+def build_model(shape_or_path: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    if shape_or_path in SHAPES:
+        config = transformers.LlamaConfig(**SHAPES[shape_or_path], max_position_embeddings=8192)
+        torch.manual_seed(0)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build in the target dtype: half the memory and init time
+        try:
+            with torch.device(device):
+                model = transformers.LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(shape_or_path, dtype=dtype).to(device)
+    model.eval()
+    model.generation_config.eos_token_id = None  # every request generates exactly new_tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _measure(device: str, fn: Callable[[], BenchResult]) -> BenchResult:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    if device.startswith("cuda"):
+        result.peak_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def _left_padded(prompts: list[list[int]], device: str) -> dict[str, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def run_static_generate(model, prompts, new_tokens, batch_size, device, system="hf_static") -> BenchResult:
+    """Stock ``generate`` on left-padded batches of ``batch_size`` prompts in arrival order."""
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    model.generate(**_left_padded(prompts[:2], device), max_new_tokens=2, do_sample=False)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        model.generate(**_left_padded(prompts[i : i + batch_size], device), **kwargs)
+    _sync(device)
+    wall = time.perf_counter() - start
+    return BenchResult(system, len(prompts) * new_tokens, sum(map(len, prompts)), wall, extra={"batch_size": batch_size})
+
+
+def run_enable_generate(model, prompts, new_tokens, batch_size, device) -> BenchResult:
+    from .enable import disable, enable
+
+    enable(model)
+    try:
+        result = run_static_generate(model, prompts, new_tokens, batch_size, device, system="enable_generate")
+        allocator = model._hf_paged_state.pool.allocator
+        result.kv_blocks_peak, result.kv_blocks_total = allocator.peak_used, allocator.num_blocks
+    finally:
+        disable(model)
+    return result
+
+
+def run_hf_generate_batch(model, prompts, new_tokens, device) -> BenchResult:
+    """transformers' own continuous batching with its defaults (one small warm-up call first)."""
+    config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+    model.generate_batch(inputs=prompts[:2], generation_config=config, progress_bar=False)
+    _sync(device)
+    start = time.perf_counter()
+    outputs = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+    _sync(device)
+    wall = time.perf_counter() - start
+    produced = sum(len(o.generated_tokens) for o in outputs.values())
+    return BenchResult("hf_generate_batch", produced, sum(map(len, prompts)), wall)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def run_continuous(model, prompts, new_tokens, device, **options) -> BenchResult:
+    from .generator import ContinuousGenerator
+    from .sampling_params import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    gen = ContinuousGenerator(model, progress=False, **options)
+    gen.generate(prompts[:4], SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    results = gen.generate(prompts, params)
+    _sync(device)
+    wall = time.perf_counter() - start
+    ttft = [r.ttft_s for r in results if r.ttft_s is not None]
+    tpot = [
+        (r.latency_s - r.ttft_s) / (len(r.token_ids) - 1)
+        for r in results
+        if r.ttft_s is not None and r.latency_s is not None and len(r.token_ids) > 1
+    ]
+    stats = gen.stats
+    return BenchResult(
+        "continuous",
+        sum(len(r.token_ids) for r in results),
+        sum(map(len, prompts)),
+        wall,
+        ttft_p50_s=statistics.median(ttft) if ttft else None,
+        ttft_p99_s=_pct(ttft, 0.99),
+        tpot_p50_s=statistics.median(tpot) if tpot else None,
+        tpot_p99_s=_pct(tpot, 0.99),
+        kv_blocks_peak=getattr(stats, "kv_blocks_peak", None),
+        kv_blocks_total=getattr(stats, "kv_blocks_total", None),
+        preemptions=stats.preemptions,
+        extra={k: v for k, v in options.items()},
+    )
+
+
+def render_table(results: list[BenchResult]) -> str:
+    def fmt(x, scale=1.0, digits=1):
+        return "-" if x is None else f"{x * scale:.{digits}f}"
+
+    head = f"{'system':<18} {'out tok/s':>10} {'total tok/s':>11} {'wall s':>8} {'TTFT p50/p99 ms':>17} {'TPOT p50/p99 ms':>16} {'peak GiB':>9} {'KV blocks':>14} {'preempt':>7}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        blocks = "-" if r.kv_blocks_peak is None else f"{r.kv_blocks_peak}/{r.kv_blocks_total}"
+        lines.append(
+            f"{r.system:<18} {r.out_tok_s:>10.1f} {r.total_tok_s:>11.1f} {r.wall_s:>8.2f} "
+            f"{fmt(r.ttft_p50_s, 1e3):>8}/{fmt(r.ttft_p99_s, 1e3):<8} {fmt(r.tpot_p50_s, 1e3, 2):>7}/{fmt(r.tpot_p99_s, 1e3, 2):<8} "
+            f"{fmt(r.peak_mem_gib, 1, 1):>9} {blocks:>14} {fmt(r.preemptions, 1, 0):>7}"
+        )
+    return "\n".join(lines)
+
+
+def run_all(model, workload: Workload, systems, device, hf_batch_size, cg_options) -> list[BenchResult]:
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}; choose from {SYSTEMS}")
+    prompts = workload.prompts(model.config.vocab_size)
+    runners = {
+        "continuous": lambda: run_continuous(model, prompts, workload.new_tokens, device, **cg_options),
+        "hf_static": lambda: run_static_generate(model, prompts, workload.new_tokens, hf_batch_size, device),
+        "hf_generate_batch": lambda: run_hf_generate_batch(model, prompts, workload.new_tokens, device),
+        "enable_generate": lambda: run_enable_generate(model, prompts, workload.new_tokens, hf_batch_size, device),
+    }
+    return [_measure(device, runners[s]) for s in systems]
+
+
+def main_bench(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    model = build_model(args.model, device, dtype)
+    workload = Workload(args.num_prompts, args.min_len, args.max_len, args.new_tokens)
+    cg_options = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
+    results = run_all(model, workload, args.systems.split(","), device, args.hf_batch_size, cg_options)
+    print(f"model {args.model} ({dtype}) on {device}; {workload}")
+    print(render_table(results))
+    if args.plot:
+        plot_concurrency(model, workload, device, cg_options, args.plot)
+    return 0
+
+
+def plot_concurrency(model, workload, device, cg_options, path, levels=(8, 32, 64, 128, 256)) -> None:
+    """PNG of ContinuousGenerator output tok/s against max_num_seqs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prompts = workload.prompts(model.config.vocab_size)
+    xs, ys = [], []
+    for level in levels:
+        r = run_continuous(model, prompts, workload.new_tokens, device, **{**cg_options, "max_num_seqs": level})
+        xs.append(level)
+        ys.append(r.out_tok_s)
+        print(f"max_num_seqs {level:>4}: {r.out_tok_s:,.0f} out tok/s")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, ys, marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("max_num_seqs (concurrency)")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title(f"ContinuousGenerator throughput, {workload.num_prompts} prompts")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
