@@ -1,0 +1,170 @@
+"""CUDA graphs for decode steps: one graph per batch-size bucket, replayed with fresh inputs.
+
+A decode step (every scheduled request brings exactly one token and samples) of B requests is padded
+to the smallest captured bucket ``Bp >= B``. Padding rows get ``seq_len = 0``, so their one query slot
+sits at position -1: it writes no K/V (slot -1) and attends to nothing (see ``metadata.py``), which
+makes them free of side effects without any special case in the kernels.
+
+Every tensor the captured forward reads lives in ``_Bucket`` buffers; a step copies its inputs there
+(one pinned host tensor, one non-blocking copy) and replays. The same padded path also runs eagerly
+(``capture=False``) so CPU tests check it against the unpadded forward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .attention import active_cache, implementation_switch
+from .cache import PagedCache
+from .metadata import StepMetadata
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+@dataclass(slots=True)
+class _Bucket:
+    size: int  # padded batch size Bp
+    staging: torch.Tensor  # pinned host int64 [4*Bp + Bp*M]: ids, positions, seq_lens, slots, tables
+    device_in: torch.Tensor  # the same on the device
+    input_ids: torch.Tensor  # [1, Bp] int64
+    positions: torch.Tensor  # [1, Bp] int64
+    step: StepMetadata  # static metadata tensors of Bp rows
+    logits_to_keep: torch.Tensor  # [Bp] = arange: every row samples in a decode step
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None  # [Bp, V] output of the captured forward
+
+
+class DecodeGraphs:
+    """Captures and replays decode forwards of ``model`` over ``cache`` (a ``PagedCache`` planned externally).
+
+    Args:
+        max_blocks_per_seq: block-table width of the captured graphs (longest sequence / block size).
+        buckets: padded batch sizes to capture; steps larger than the largest run eagerly.
+        capture: record CUDA graphs (CUDA only); False runs the padded path eagerly (tests).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: PagedCache,
+        max_blocks_per_seq: int,
+        max_batch: int,
+        buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+        capture: bool = True,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = cache.pool.layout.device
+        self.width = max_blocks_per_seq
+        sizes = sorted({b for b in buckets if b < max_batch} | {max_batch})
+        self.sizes = sizes
+        self.capture = capture and self.device.type == "cuda"
+        self.switch = implementation_switch(model)
+        self.dummy_mask = torch.zeros((1, 1, 1, 1), dtype=cache.pool.layout.dtype, device=self.device)
+        self._buckets: dict[int, _Bucket] = {}
+        self._pool = None  # graphs share one memory pool: they never run concurrently
+        self.capture_seconds = 0.0
+
+    def bucket_for(self, batch: int) -> int | None:
+        for size in self.sizes:
+            if size >= batch:
+                return size
+        return None
+
+    def _make_bucket(self, size: int) -> _Bucket:
+        m, dev = self.width, self.device
+        staging = torch.zeros(4 * size + size * m, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        device_in = torch.zeros_like(staging, device=dev)
+        step = StepMetadata(
+            query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=dev),
+            seq_lens=torch.zeros(size, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros((size, m), dtype=torch.int32, device=dev),
+            slot_mapping=torch.full((size,), -1, dtype=torch.int64, device=dev),
+            max_query_len=1,
+            max_seq_len=m * self.cache.pool.block_size,
+        )
+        return _Bucket(
+            size=size,
+            staging=staging,
+            device_in=device_in,
+            input_ids=torch.zeros((1, size), dtype=torch.int64, device=dev),
+            positions=torch.zeros((1, size), dtype=torch.int64, device=dev),
+            step=step,
+            logits_to_keep=torch.arange(size, dtype=torch.int64, device=dev),
+        )
+
+    def _forward(self, b: _Bucket) -> torch.Tensor:
+        self.cache.set_step(b.step)
+        with self.switch, active_cache(self.cache):
+            out = self.model(
+                input_ids=b.input_ids,
+                position_ids=b.positions,
+                attention_mask=self.dummy_mask,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=b.logits_to_keep,
+            )
+        return out.logits[0]
+
+    def _load(self, b: _Bucket, token_ids: list[int], seq_lens: list[int], block_tables: list[list[int]]) -> None:
+        """Stage the step's inputs on the host, then one copy to the device and a few device-side casts."""
+        n, size, m, bs = len(token_ids), b.size, self.width, self.cache.pool.block_size
+        host = b.staging.numpy()
+        host[:] = 0
+        lens = np.asarray(seq_lens, dtype=np.int64)
+        host[0:n] = token_ids
+        host[size : size + n] = lens - 1  # position of the new token
+        host[2 * size : 2 * size + n] = lens
+        tables = host[4 * size :].reshape(size, m)
+        for row, blocks in enumerate(block_tables):
+            tables[row, : len(blocks)] = blocks
+        last = lens - 1
+        host[3 * size : 4 * size] = -1
+        host[3 * size : 3 * size + n] = tables[np.arange(n), last // bs] * bs + last % bs
+        b.device_in.copy_(b.staging, non_blocking=True)
+        d = b.device_in
+        b.input_ids[0].copy_(d[0:size])
+        b.positions[0].copy_(d[size : 2 * size].clamp(min=0))
+        b.step.seq_lens.copy_(d[2 * size : 3 * size])
+        b.step.slot_mapping.copy_(d[3 * size : 4 * size])
+        b.step.block_tables.copy_(d[4 * size :].view(size, m))
+
+    def _capture(self, b: _Bucket) -> None:
+        start = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):  # warm up: Triton compiles, cuBLAS picks algorithms
+                self._forward(b)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+            b.logits = self._forward(b)
+        self._pool = graph.pool()
+        b.graph = graph
+        torch.cuda.synchronize()
+        self.capture_seconds += time.perf_counter() - start
+
+    def run(self, token_ids: list[int], seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor | None:
+        """Logits ``[B, V]`` of a decode step, or None when B exceeds every bucket (caller runs it eagerly)."""
+        size = self.bucket_for(len(token_ids))
+        if size is None:
+            return None
+        b = self._buckets.get(size)
+        if b is None:
+            b = self._buckets[size] = self._make_bucket(size)
+            if self.capture:
+                # Capture runs the forward with whatever the buffers hold; all-padding rows write nothing.
+                self._capture(b)
+        self._load(b, token_ids, seq_lens, block_tables)
+        if b.graph is not None:
+            b.graph.replay()
+            logits = b.logits
+        else:
+            with torch.inference_mode():
+                logits = self._forward(b)
+        return logits[: len(token_ids)]
