@@ -268,3 +268,33 @@ def test_right_padding_is_refused(llama):
         assert llama._hf_paged_state.pool.allocator.is_whole()
     finally:
         hf_paged.disable(llama)
+
+
+def test_attention_sinks_gpt_oss():
+    """GPT-OSS passes learned sinks as ``s_aux`` and alternates sliding/full layers."""
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256,
+    )
+    config._experts_implementation = "eager"  # grouped_mm has no float64 kernel
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float64).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "sinks"):
+                module.sinks.normal_()  # zero-initialised sinks would barely matter
+    model.generation_config.pad_token_id = 0
+    stock, paged = run_both(model, left_padded_batch([5, 12, 3], seed=1), max_new_tokens=10, do_sample=False)
+    assert torch.equal(stock, paged)
+
+
+def test_prefill_chunking(llama):
+    batch = left_padded_batch([5, 30, 13], seed=2)
+    stock = llama.generate(**batch, max_new_tokens=6, do_sample=False)
+    hf_paged.enable(llama)
+    try:
+        paged = llama.generate(**batch, max_new_tokens=6, do_sample=False, prefill_chunk_size=8)
+    finally:
+        hf_paged.disable(llama)
+    assert torch.equal(stock, paged)
