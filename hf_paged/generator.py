@@ -17,6 +17,7 @@ The generator only wires these together; it owns the pool (created once) and the
 from __future__ import annotations
 
 import contextlib
+import numbers
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -129,11 +130,13 @@ class ContinuousGenerator:
         self.model = model
         self.tokenizer = tokenizer
         param = next(model.parameters())
-        self.pool = KVPool.create(self.options.pool(), kv_layout_from_config(model, param.dtype, param.device))
+        # PreTrainedModel.dtype / .device: the first floating-point parameter's, i.e. the activations'.
+        dtype, device = getattr(model, "dtype", param.dtype), getattr(model, "device", param.device)
+        self.pool = KVPool.create(self.options.pool(), kv_layout_from_config(model, dtype, device))
         self.runner = ModelRunner(model, self.pool, self.options.backend)
         out_emb = model.get_output_embeddings()
         vocab = out_emb.weight.shape[0] if out_emb is not None else model.config.get_text_config().vocab_size
-        self.sampler = Sampler(vocab, param.device)
+        self.sampler = Sampler(vocab, device)
         self.num_embeddings = model.get_input_embeddings().weight.shape[0]
         self.max_model_len = max_model_len(model)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
@@ -278,9 +281,10 @@ class ContinuousGenerator:
             ids = list(self.tokenizer(prompt).input_ids)
         elif isinstance(prompt, (Sequence, torch.Tensor)):
             ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
-            bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.num_embeddings), None)
+            bad = next((t for t in ids if not _is_token_id(t, self.num_embeddings)), None)
             if bad is not None:
                 raise ValueError(f"request {i}: prompt token id {bad!r} is not an int in [0, {self.num_embeddings})")
+            ids = [int(t) for t in ids]  # numpy ints -> int
         else:
             raise ValueError(f"request {i}: a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
@@ -349,6 +353,10 @@ def _eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
     if eos is None:
         return frozenset()
     return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def _is_token_id(t: Any, vocab: int) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -292,3 +292,21 @@ def test_leaving_a_stream_early_frees_every_block():
     assert gen.pool.allocator.num_used > 0
     events.close()
     assert gen.pool.allocator.is_whole()
+
+
+def test_pool_layout_is_checked_on_the_first_forward():
+    from hf_paged.kv_pool import KVLayout, KVPool
+    from hf_paged.model_runner import ModelRunner, kv_layout_from_config
+    from hf_paged.options import PoolOptions
+    from hf_paged.request import Request
+    from hf_paged.scheduler import Scheduler
+
+    model, _ = model_and_refs("qwen3")
+    right = kv_layout_from_config(model, torch.float64, "cpu")
+    assert (right.num_layers, right.num_kv_heads, right.head_dim) == (2, 2, 16)
+    wrong = KVLayout(2, 1, 32, torch.float64, torch.device("cpu"))
+    pool = KVPool.create(PoolOptions(num_blocks=4), wrong)
+    sched = Scheduler(pool.allocator, 16, max_num_seqs=1, max_num_batched_tokens=16)
+    sched.add(Request(0, 0, 0, 3, [5, 6, 7], SamplingParams(), seed=0, arrival_time=0.0))
+    with pytest.raises(AssertionError, match="sized from the config"):
+        ModelRunner(model, pool, "auto").execute(sched.schedule())
