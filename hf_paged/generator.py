@@ -298,7 +298,7 @@ class ContinuousGenerator:
                 f"request {i}: prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs {need} KV "
                 f"blocks of {bs} tokens, but the pool holds {self.pool.num_blocks}; raise num_blocks or lower max_new_tokens"
             )
-        return ids, params
+        return ids, replace(params)  # a snapshot: later edits by the caller do not reach running requests
 
     # ---- outputs ---------------------------------------------------------------------------------
     def _text(self, request: Request) -> str | None:
