@@ -9,10 +9,21 @@ from .attention import ATTENTION_NAME
 from .block_allocator import BlockAllocator
 from .cache import PagedCache, PoolExhaustedError
 from .enable import disable, enable, is_enabled
+from .generator import ContinuousGenerator, GeneratorOptions, GeneratorStats
+from .request import GenerationResult, SampleResult, StreamEvent, TokenLogprobs
+from .sampling_params import SamplingParams
 
 __all__ = [
     "ATTENTION_NAME",
     "BlockAllocator",
+    "ContinuousGenerator",
+    "GenerationResult",
+    "GeneratorOptions",
+    "GeneratorStats",
+    "SampleResult",
+    "SamplingParams",
+    "StreamEvent",
+    "TokenLogprobs",
     "PagedCache",
     "PoolExhaustedError",
     "disable",

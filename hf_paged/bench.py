@@ -190,7 +190,8 @@ def run_continuous(model, prompts, new_tokens, device, **options) -> BenchResult
         kv_blocks_peak=getattr(stats, "kv_blocks_peak", None),
         kv_blocks_total=getattr(stats, "kv_blocks_total", None),
         preemptions=stats.preemptions,
-        extra={k: v for k, v in options.items()},
+        extra={**options, "profile": stats.profile.render() if stats.profile else None,
+               "graph_capture_s": gen.runner.graphs.capture_seconds if gen.runner.graphs else 0.0},
     )
 
 
@@ -229,9 +230,18 @@ def main_bench(args) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     model = build_model(args.model, device, dtype)
     workload = Workload(args.num_prompts, args.min_len, args.max_len, args.new_tokens)
-    cg_options = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
+    cg_options = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "cuda_graphs": not args.no_cuda_graphs,
+        "profile": args.profile,
+    }
     results = run_all(model, workload, args.systems.split(","), device, args.hf_batch_size, cg_options)
     print(f"model {args.model} ({dtype}) on {device}; {workload}")
+    for r in results:
+        if r.extra.get("profile"):
+            print(f"{r.system} profile (CUDA graph capture {r.extra['graph_capture_s']:.1f} s, not in the timing):")
+            print(r.extra["profile"])
     print(render_table(results))
     if args.plot:
         plot_concurrency(model, workload, device, cg_options, args.plot)

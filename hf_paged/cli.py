@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-num-seqs", type=int, default=256)
     bench.add_argument("--max-num-batched-tokens", type=int, default=8192)
     bench.add_argument("--systems", default="continuous,hf_static,hf_generate_batch,enable_generate")
+    bench.add_argument("--profile", action="store_true", help="print where each ContinuousGenerator step's time goes")
+    bench.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     bench.add_argument("--plot", help="write a PNG of throughput vs concurrency to this path")
     return parser
 

@@ -31,6 +31,7 @@ from .model_runner import ModelRunner, kv_layout_from_config, max_model_len
 from .options import BACKENDS, PoolOptions
 from .request import GenerationResult, IncrementalDetokenizer, Request, SampleResult, StreamEvent
 from .sampler import Sampler
+from .profile import StepProfile
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 
@@ -47,6 +48,8 @@ class GeneratorOptions:
     cpu_memory_bytes: int = 1 << 30
     backend: str = "auto"
     progress: bool = True
+    cuda_graphs: bool = True  # replay captured graphs for decode steps (CUDA + Triton only)
+    profile: bool = False  # time each stage of each step (adds CUDA events; see StepProfile)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -55,8 +58,9 @@ class GeneratorOptions:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if not isinstance(self.progress, bool):
-            raise ValueError(f"progress must be a bool, got {self.progress!r}")
+        for name in ("progress", "cuda_graphs", "profile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self.pool()  # validates the pool fields
 
     def pool(self) -> PoolOptions:
@@ -80,6 +84,7 @@ class GeneratorStats:
     kv_blocks_used: int = 0  # blocks in use now
     kv_blocks_peak: int = 0  # most blocks in use after any step's scheduling
     kv_blocks_total: int = 0  # blocks in the pool
+    profile: StepProfile | None = None  # per-stage times when the generator was built with profile=True
 
 
 class ContinuousGenerator:
@@ -96,6 +101,8 @@ class ContinuousGenerator:
         max_num_batched_tokens: most tokens in one forward step (prompts are chunked to fit).
         backend: attention backend, "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         progress: show a tqdm bar over finished sequences.
+        cuda_graphs: capture decode steps as CUDA graphs, one per batch-size bucket (CUDA + Triton only).
+        profile: record where each step's time goes (``stats.profile``); costs a little host time.
     """
 
     def __init__(
@@ -111,6 +118,8 @@ class ContinuousGenerator:
         cpu_memory_bytes: int = 1 << 30,
         backend: str = "auto",
         progress: bool = True,
+        cuda_graphs: bool = True,
+        profile: bool = False,
     ) -> None:
         self.options = GeneratorOptions(
             block_size=block_size,
@@ -121,6 +130,8 @@ class ContinuousGenerator:
             cpu_memory_bytes=cpu_memory_bytes,
             backend=backend,
             progress=progress,
+            cuda_graphs=cuda_graphs,
+            profile=profile,
         )
         if not uses_attention_interface(model):
             raise NotImplementedError(
@@ -133,7 +144,13 @@ class ContinuousGenerator:
         # PreTrainedModel.dtype / .device: the first floating-point parameter's, i.e. the activations'.
         dtype, device = getattr(model, "dtype", param.dtype), getattr(model, "device", param.device)
         self.pool = KVPool.create(self.options.pool(), kv_layout_from_config(model, dtype, device))
-        self.runner = ModelRunner(model, self.pool, self.options.backend)
+        self.runner = ModelRunner(
+            model,
+            self.pool,
+            self.options.backend,
+            cuda_graphs=self.options.cuda_graphs,
+            max_num_seqs=self.options.max_num_seqs,
+        )
         out_emb = model.get_output_embeddings()
         vocab = out_emb.weight.shape[0] if out_emb is not None else model.config.get_text_config().vocab_size
         self.sampler = Sampler(vocab, device)
@@ -196,20 +213,31 @@ class ContinuousGenerator:
         )
         for request in requests:
             scheduler.add(request)
+        self.runner.prepare(max(r.prompt_len + r.params.max_new_tokens for r in requests))
+        profile = stats.profile = StepProfile(self.pool.layout.device) if opts.profile else None
         bar = _progress_bar(len(requests), opts.progress)
         try:
             while scheduler.has_unfinished():
                 with torch.inference_mode():
+                    t0 = time.perf_counter()
                     batch = scheduler.schedule()
                     stats.steps += 1
                     stats.kv_blocks_peak = max(stats.kv_blocks_peak, self.pool.allocator.num_used)
+                    t1 = time.perf_counter()
+                    if profile:
+                        profile.gpu_start()
                     logits = self.runner.execute(batch)
+                    t2 = time.perf_counter()
                     sampling = [s.request for s in batch.sampling]
                     if sampling:
                         out = self.sampler.sample(logits, self.sampler.prepare(sampling))
+                        t3 = time.perf_counter()
                         advanced = scheduler.update(batch, out.token_ids, out.logprobs)
                     else:
+                        t3 = time.perf_counter()
                         advanced = scheduler.update(batch, [])
+                    if profile:
+                        profile.add(batch, t0, t1, t2, t3, time.perf_counter())
                 stats.generated_tokens += len(advanced)
                 stats.preemptions = scheduler.num_preemptions
                 stats.recomputed_tokens = scheduler.num_recomputed_tokens
@@ -223,6 +251,8 @@ class ContinuousGenerator:
             scheduler.abort_all()
             raise
         finally:
+            if profile:
+                profile.finish()
             self.sampler.reset()
             bar.close()
             self._busy = False

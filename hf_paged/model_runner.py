@@ -13,6 +13,7 @@ import torch
 
 from .attention import active_cache, implementation_switch
 from .cache import PagedCache
+from .cuda_graphs import DecodeGraphs
 from .kv_pool import KVLayout, KVPool
 from .metadata import build_step_metadata
 from .scheduler import ScheduledBatch
@@ -46,9 +47,13 @@ class ModelRunner:
         model: a transformers causal LM whose attention goes through ``ALL_ATTENTION_FUNCTIONS``.
         pool: the KV pool (its layout must match what the model's layers produce).
         backend: attention backend ("auto", "torch" or "triton").
+        cuda_graphs: replay captured CUDA graphs for decode steps (CUDA only).
+        max_num_seqs: largest decode batch a graph is captured for.
     """
 
-    def __init__(self, model: torch.nn.Module, pool: KVPool, backend: str) -> None:
+    def __init__(
+        self, model: torch.nn.Module, pool: KVPool, backend: str, *, cuda_graphs: bool = False, max_num_seqs: int = 256
+    ) -> None:
         self.model = model
         self.pool = pool
         self.device = pool.layout.device
@@ -57,9 +62,34 @@ class ModelRunner:
         # Returned as-is by the mask code; the paged attention ignores it.
         self.dummy_mask = torch.zeros((1, 1, 1, 1), dtype=pool.layout.dtype, device=self.device)
         self._layout_checked = False
+        self._use_graphs = cuda_graphs and self.device.type == "cuda" and backend != "torch"
+        self.max_num_seqs = max_num_seqs
+        self.graphs: DecodeGraphs | None = None
+
+    def prepare(self, max_seq_len: int) -> None:
+        """Size the decode graphs' block tables for sequences of up to ``max_seq_len`` tokens.
+
+        Graphs are captured lazily per batch bucket and recaptured only when a run needs wider tables.
+        """
+        if not self._use_graphs:
+            return
+        blocks = -(-max_seq_len // self.pool.block_size)
+        width = 1 << max(0, blocks - 1).bit_length()  # a power of two: few distinct widths, few recaptures
+        if self.graphs is None or self.graphs.width < width:
+            self.graphs = DecodeGraphs(self.model, self.cache, width, self.max_num_seqs)
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Forward the step; returns ``[R, V]`` logits of the requests that sample, in batch order."""
+        if self.graphs is not None and self._layout_checked and all(
+            s.num_scheduled_tokens == 1 and s.samples for s in batch.requests
+        ):
+            logits = self.graphs.run(
+                [s.request.token_ids[s.context_len] for s in batch.requests],
+                [s.seq_len for s in batch.requests],
+                [s.request.block_ids for s in batch.requests],
+            )
+            if logits is not None:
+                return logits
         input_ids: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
