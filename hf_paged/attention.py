@@ -130,9 +130,13 @@ def paged_attention_forward(
     return out.view(batch, q_len, heads, head_dim), None
 
 
+# Head dims the Triton kernel is built for; other models (rare) take the torch path on every device.
+TRITON_HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
 def run_paged_attention(q_tok, k_cache, v_cache, step, *, scale, sliding_window, softcap, sinks, backend):
     """Dispatch to the Triton kernel on CUDA (unless ``backend="torch"``) or the torch reference."""
-    use_triton = backend == "triton" or (backend == "auto" and q_tok.is_cuda)
+    use_triton = q_tok.shape[-1] in TRITON_HEAD_DIMS and (backend == "triton" or (backend == "auto" and q_tok.is_cuda))
     if use_triton:
         from .kernels.paged_attention import paged_attention as impl
     else:

@@ -52,9 +52,27 @@ def make_config(name: str):
     return getattr(transformers, cls_name)(**kwargs)
 
 
-def make_model(name: str, dtype: torch.dtype = torch.float64, seed: int = 0, attn_implementation: str | None = None):
+def widen(config, head_dim: int = 64):
+    """Same architecture with ``head_dim``-wide heads (the Triton kernels' sizes; the default tiny
+    configs use 16-wide heads, which take the torch path)."""
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    for field in ("hidden_size", "n_embd", "word_embed_proj_dim"):
+        if field in config.to_dict():
+            setattr(config, field, heads * head_dim)
+    if "head_dim" in config.to_dict():  # a stored field (Falcon derives it: a read-only property)
+        config.head_dim = head_dim
+    if getattr(config, "query_pre_attn_scalar", None) is not None:
+        config.query_pre_attn_scalar = head_dim
+    return config
+
+
+def make_model(
+    name: str, dtype: torch.dtype = torch.float64, seed: int = 0, attn_implementation: str | None = None, head_dim: int | None = None
+):
     torch.manual_seed(seed)
     config = make_config(name)
+    if head_dim is not None:
+        config = widen(config, head_dim)
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     model = transformers.AutoModelForCausalLM.from_config(config)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "qwen3", "gpt2", "opt", "falcon"])
 def test_triton_path_matches_stock_fp32(name):
-    model = make_model(name, dtype=torch.float32).cuda()
+    model = make_model(name, dtype=torch.float32, head_dim=64).cuda()
     batch = {k: v.cuda() for k, v in left_padded_batch([5, 40, 3, 17], seed=2).items()}
     kwargs = dict(max_new_tokens=24, do_sample=False, return_dict_in_generate=True, output_logits=True)
     stock = model.generate(**batch, **kwargs)
@@ -32,7 +32,7 @@ def test_triton_path_matches_stock_fp32(name):
 
 
 def test_bf16_llama_close_to_stock():
-    model = make_model("llama", dtype=torch.bfloat16).cuda()
+    model = make_model("llama", dtype=torch.bfloat16, head_dim=64).cuda()
     batch = {k: v.cuda() for k, v in left_padded_batch([9, 33], seed=4).items()}
     stock = model(**batch).logits
     hf_paged.enable(model)
