@@ -52,12 +52,15 @@ DECODE_BATCHES = (1, 16, 64, 256)
 DECODE_CONTEXTS = (512, 2048, 8192)
 PREFILL_CASES = ((512, 0), (512, 4096), (2048, 0), (2048, 4096))  # (new tokens, cached tokens)
 
-# Tuning sweep: (tile, num_warps, num_stages) for decode, (block_m, tile, num_warps, num_stages) for prefill.
-DECODE_VARIANTS = [(16, 4, 2), (16, 4, 3), (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4),
-                   (64, 8, 3), (128, 4, 2), (128, 8, 2), (32, 2, 3), (64, 2, 3)]
-DECODE_SPLITS = {1: (8, 16, 32, 64), 16: (1, 2, 4, 8, 16), 64: (1, 2, 4), 256: (1, 2)}
-PREFILL_VARIANTS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                    (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)]
+# Tuning sweep. Decode: (tile, num_warps, num_stages, prefetch, heads_first); prefill: (block_m, tile,
+# num_warps, num_stages, heads_first); each crossed with the split counts below.
+DECODE_VARIANTS = [(64, 4, 1, True, True), (64, 4, 1, True, False), (32, 4, 1, True, True), (64, 8, 1, True, True),
+                   (32, 8, 1, True, True), (16, 4, 1, True, True), (64, 4, 2, False, True), (64, 4, 2, False, False),
+                   (64, 2, 3, False, True)]
+DECODE_SPLITS = {1: (16, 32, 64), 16: (1, 2, 4, 8), 64: (1, 2), 256: (1,)}
+PREFILL_VARIANTS = [(128, 64, 8, 3, True), (128, 64, 8, 3, False), (128, 64, 4, 3, True), (128, 64, 4, 3, False),
+                    (64, 64, 4, 3, True), (128, 128, 8, 2, True)]
+PREFILL_SPLITS = (1, 2)
 
 
 def bench(fn, quick=False) -> float:
@@ -107,7 +110,7 @@ def run_decode(bw_copy: float, sweep: bool, deadline: float, rows: list, sweeps:
             out = pa.paged_attention(*args, scale=SCALE)
             ref = pa.paged_attention_reference(*args, scale=SCALE)
             err = rel_err(out, ref)
-            cfg = pa._choose_config(batch, batch, 1, HKV, HQ // HKV, D, args[3].shape[1] * BS,
+            cfg = pa._choose_config(batch, batch, 1, HKV, HQ // HKV, D, 2, args[3].shape[1] * BS,
                                     pa._num_sms(query.device), None)
             ms = bench(lambda: pa.paged_attention(*args, scale=SCALE, out=out))
             kv_bytes = 2 * batch * ctx * HKV * D * 2
@@ -119,17 +122,18 @@ def run_decode(bw_copy: float, sweep: bool, deadline: float, rows: list, sweeps:
             ms_sdpa = bench(sdpa)
             row = dict(kind="decode", batch=batch, ctx=ctx, ms=ms, tbps=nbytes / ms / 1e9, frac_copy=nbytes / ms / 1e-3 / bw_copy,
                        sdpa_ms=ms_sdpa, sdpa_tbps=nbytes / ms_sdpa / 1e9, speedup=ms_sdpa / ms, err=err, sdpa_vs_kernel=sdpa_err,
-                       cfg=dict(tile=cfg.tile, warps=cfg.num_warps, stages=cfg.num_stages, splits=cfg.num_splits))
+                       cfg=dict(tile=cfg.tile, warps=cfg.num_warps, stages=cfg.num_stages, splits=cfg.num_splits,
+                                prefetch=cfg.prefetch))
             rows.append(row)
             print(f"decode B={batch:4d} ctx={ctx:5d}: {ms*1e3:8.1f} us {row['tbps']:.2f} TB/s ({row['frac_copy']:.0%} of copy)"
                   f"  sdpa {ms_sdpa*1e3:8.1f} us  x{row['speedup']:.2f}  err {err:.1e} cfg {row['cfg']}", flush=True)
             if sweep and time.time() < deadline:
                 best = (ms, "heuristic")
-                for tile, warps, stages in DECODE_VARIANTS:
+                for tile, warps, stages, prefetch, heads_first in DECODE_VARIANTS:
                     for splits in DECODE_SPLITS[batch]:
                         if time.time() > deadline:
                             break
-                        c = pa._Config(16, tile, warps, stages, splits)
+                        c = pa._Config(16, tile, warps, stages, splits, prefetch, heads_first)
                         fn = lambda: pa._launch(*args, SCALE, None, None, None, out, c)
                         try:
                             fn()
@@ -139,9 +143,10 @@ def run_decode(bw_copy: float, sweep: bool, deadline: float, rows: list, sweeps:
                             print(f"   sweep {c}: failed {type(exc).__name__}: {str(exc)[:100]}")
                             continue
                         sweeps.append(dict(kind="decode", batch=batch, ctx=ctx, tile=tile, warps=warps, stages=stages,
-                                           splits=splits, ms=t, tbps=nbytes / t / 1e9, err=e))
+                                           prefetch=prefetch, heads_first=heads_first, splits=splits, ms=t,
+                                           tbps=nbytes / t / 1e9, err=e))
                         if t < best[0]:
-                            best = (t, f"tile={tile} warps={warps} stages={stages} splits={splits}")
+                            best = (t, f"{c}")
                 print(f"   best: {best[0]*1e3:.1f} us {nbytes / best[0] / 1e9:.2f} TB/s with {best[1]}", flush=True)
             del args, k, v, out
             torch.cuda.empty_cache()
@@ -183,7 +188,7 @@ def run_prefill(sweep: bool, deadline: float, rows: list, sweeps: list) -> None:
         sdpa, how = sdpa_prefill(q4, k, v, cached)
         sdpa_err = rel_err(sdpa().transpose(1, 2).reshape_as(out), out)
         ms_sdpa = bench(sdpa)
-        cfg = pa._choose_config(n, 1, n, HKV, HQ // HKV, D, args[3].shape[1] * BS, pa._num_sms(query.device), None)
+        cfg = pa._choose_config(n, 1, n, HKV, HQ // HKV, D, 2, args[3].shape[1] * BS, pa._num_sms(query.device), None)
         row = dict(kind="prefill", new=n, cached=cached, ms=ms, tflops=flops / ms / 1e9, sdpa_ms=ms_sdpa,
                    sdpa_tflops=flops / ms_sdpa / 1e9, ratio=ms / ms_sdpa, err=err, sdpa_vs_kernel=sdpa_err, sdpa_how=how,
                    cfg=dict(block_m=cfg.block_m, tile=cfg.tile, warps=cfg.num_warps, stages=cfg.num_stages,
@@ -193,11 +198,11 @@ def run_prefill(sweep: bool, deadline: float, rows: list, sweeps: list) -> None:
               f" ({how}, vs kernel {sdpa_err:.1e})  ratio {row['ratio']:.2f}  err {err:.1e} cfg {row['cfg']}", flush=True)
         if sweep and time.time() < deadline:
             best = (ms, "heuristic")
-            for block_m, tile, warps, stages in PREFILL_VARIANTS:
-                for splits in (1, 2):
+            for block_m, tile, warps, stages, heads_first in PREFILL_VARIANTS:
+                for splits in PREFILL_SPLITS:
                     if time.time() > deadline:
                         break
-                    c = pa._Config(block_m, tile, warps, stages, splits)
+                    c = pa._Config(block_m, tile, warps, stages, splits, False, heads_first)
                     fn = lambda: pa._launch(*args, SCALE, None, None, None, out, c)
                     try:
                         fn()
@@ -207,20 +212,39 @@ def run_prefill(sweep: bool, deadline: float, rows: list, sweeps: list) -> None:
                         print(f"   sweep {c}: failed {type(exc).__name__}: {str(exc)[:100]}")
                         continue
                     sweeps.append(dict(kind="prefill", new=n, cached=cached, block_m=block_m, tile=tile, warps=warps,
-                                       stages=stages, splits=splits, ms=t, tflops=flops / t / 1e9, err=e))
+                                       stages=stages, heads_first=heads_first, splits=splits, ms=t,
+                                       tflops=flops / t / 1e9, err=e))
                     if t < best[0]:
-                        best = (t, f"block_m={block_m} tile={tile} warps={warps} stages={stages} splits={splits}")
+                        best = (t, f"{c}")
             print(f"   best: {best[0]*1e3:.1f} us {flops / best[0] / 1e9:.0f} TFLOP/s with {best[1]}", flush=True)
         del args, k, v, out
         torch.cuda.empty_cache()
 
 
+def profile() -> None:
+    """One launch per decode case between cudaProfilerStart/Stop, for `ncu --profile-from-start off`."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    cases = [(1, 8192), (16, 2048), (64, 2048)]
+    problems = [paged_problem(batch, ctx, 1, gen) for batch, ctx in cases]
+    for args in problems:  # compile outside the profiled region
+        pa.paged_attention(*args, scale=SCALE)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for args in problems:
+        pa.paged_attention(*args, scale=SCALE)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time launch-config variants")
+    parser.add_argument("--profile", action="store_true", help="only launch a few decode cases for ncu")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this many seconds")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this script needs a CUDA device"
+    if args.profile:
+        return profile()
     start = time.time()
     deadline = start + args.budget_s
     props = torch.cuda.get_device_properties(0)

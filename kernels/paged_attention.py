@@ -62,7 +62,7 @@ def _find_row(
     which holds at least ``cdiv(num_q, BLOCK_Q)`` ids; surplus ids find no tokens and exit.
     """
     lo = q_block_id * 0
-    hi = num_seqs - 1
+    hi = q_block_id * 0 + num_seqs - 1  # (a tensor even when num_seqs is specialized to 1)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         first_id = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
@@ -72,8 +72,52 @@ def _find_row(
 
 
 @triton.jit
-def _attend_tiles(
+def _kv_tile_ptrs(k_base, v_base, block_id, j, stride_kb, stride_ks, stride_vb, stride_vs, offs_d,
+                  BLOCK_SIZE: tl.constexpr):
+    """Pointers to K^T [HEAD_PAD, TILE] and V [TILE, HEAD_PAD] of keys ``j`` living in blocks ``block_id``."""
+    in_block = j % BLOCK_SIZE
+    kt_ptr = k_base + (block_id * stride_kb + in_block * stride_ks)[None, :] + offs_d[:, None]
+    v_ptr = v_base + (block_id * stride_vb + in_block * stride_vs)[:, None] + offs_d[None, :]
+    return kt_ptr, v_ptr
+
+
+@triton.jit
+def _softmax_step(
     acc, m_i, l_i,  # running state: [BLOCK_M, HEAD_PAD], [BLOCK_M], [BLOCK_M] fp32 (base-2 logits)
+    q, kt, v,  # [BLOCK_M, HEAD_PAD], [HEAD_PAD, TILE], [TILE, HEAD_PAD]
+    j, pos,  # [TILE] key positions, [BLOCK_M] query positions
+    scale_log2, softcap_log2, sliding_window,
+    MASKED: tl.constexpr,  # False: every (row, key) of the tile is visible, skip the mask
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax update with a tile of keys (shared by every loop and launch mode)."""
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, TILE] fp32
+    if USE_SOFTCAP:
+        # softcap * tanh(x / softcap) with x = s * scale, tanh(y) = 2 * sigmoid(2y) - 1, in base 2.
+        s = softcap_log2 * (2.0 * tl.sigmoid((2.0 * scale_log2 / softcap_log2) * s) - 1.0)
+    else:
+        s = s * scale_log2
+    if MASKED:
+        visible = j[None, :] <= pos[:, None]  # causal
+        if USE_WINDOW:
+            visible = visible & (pos[:, None] - j[None, :] < sliding_window)
+        s = tl.where(visible, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
+    if MASKED:  # a row that has seen no key yet keeps m = -inf; shift by 0 to avoid inf - inf
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    p = tl.exp2(s - m_ref[:, None])  # [BLOCK_M, TILE]
+    alpha = tl.exp2(m_i - m_ref)  # [BLOCK_M] rescales what was accumulated so far
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_tiles(
+    acc, m_i, l_i,  # running state, see _softmax_step
     q,  # [BLOCK_M, HEAD_PAD] query rows of this program
     pos,  # [BLOCK_M] int32 position of each row's query token
     k_base, v_base,  # cache pointers already offset to this KV head
@@ -83,56 +127,64 @@ def _attend_tiles(
     stride_kb, stride_ks, stride_vb, stride_vs,
     scale_log2, softcap_log2, sliding_window,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-    MASKED: tl.constexpr,  # False: every (row, key) of these tiles is visible, skip all masks
+    MASKED: tl.constexpr,  # False: every (row, key) of these tiles is visible, skip the causal mask
+    PREFETCH: tl.constexpr,  # True: hand-pipelined loads (decode); False: Triton's pipeliner (prefill)
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Online-softmax accumulation of tiles ``[tile_begin, tile_end)``; shared by every launch mode."""
+    """Accumulate tiles ``[tile_begin, tile_end)``. Physical offsets are 64-bit: block_id * stride_kb
+    can pass 2^31 elements on big pools."""
     offs_t = tl.arange(0, TILE)  # [TILE]
     offs_d = tl.arange(0, HEAD_PAD)  # [HEAD_PAD]
     d_ok = offs_d < HEAD_DIM
-    for t in range(tile_begin, tile_end):
-        j = kv_start + t * TILE + offs_t  # [TILE] key positions
-        # 64-bit physical offsets: block_id * stride_kb can pass 2^31 elements on big pools.
-        if MASKED:
-            j_ok = j < kv_end
-            block_id = tl.load(block_table_row + j // BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
-        else:
-            block_id = tl.load(block_table_row + j // BLOCK_SIZE).to(tl.int64)  # [TILE]
-        in_block = j % BLOCK_SIZE
-        kt_ptr = k_base + (block_id * stride_kb + in_block * stride_ks)[None, :] + offs_d[:, None]
-        v_ptr = v_base + (block_id * stride_vb + in_block * stride_vs)[:, None] + offs_d[None, :]
-        if MASKED:
-            kt = tl.load(kt_ptr, mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [HEAD_PAD, TILE]
-            v = tl.load(v_ptr, mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [TILE, HEAD_PAD]
-        elif HEAD_PAD != HEAD_DIM:
-            kt = tl.load(kt_ptr, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptr, mask=d_ok[None, :], other=0.0)
-        else:
-            kt = tl.load(kt_ptr)
-            v = tl.load(v_ptr)
+    if PREFETCH:
+        # Decode is latency-bound: issue the next tile's K/V and the block ids of the one after it
+        # before this tile's math, so that their memory latency overlaps it. Loads past the range are
+        # masked off (no traffic).
+        j_stop = tl.minimum(kv_end, kv_start + tile_end * TILE)  # loads at or past this are off
+        j = kv_start + tile_begin * TILE + offs_t  # [TILE] key positions of the current tile
+        ok = j < j_stop
+        block_id = tl.load(block_table_row + j // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+        kt_ptr, v_ptr = _kv_tile_ptrs(k_base, v_base, block_id, j, stride_kb, stride_ks, stride_vb,
+                                      stride_vs, offs_d, BLOCK_SIZE)
+        kt = tl.load(kt_ptr, mask=ok[None, :] & d_ok[:, None], other=0.0)  # [HEAD_PAD, TILE]
+        v = tl.load(v_ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)  # [TILE, HEAD_PAD]
+        j_next = j + TILE
+        ok_next = j_next < j_stop
+        block_id_next = tl.load(block_table_row + j_next // BLOCK_SIZE, mask=ok_next, other=0).to(tl.int64)
+        for t in range(tile_begin, tile_end):
+            kt_ptr, v_ptr = _kv_tile_ptrs(k_base, v_base, block_id_next, j_next, stride_kb, stride_ks,
+                                          stride_vb, stride_vs, offs_d, BLOCK_SIZE)
+            kt_next = tl.load(kt_ptr, mask=ok_next[None, :] & d_ok[:, None], other=0.0)
+            v_next = tl.load(v_ptr, mask=ok_next[:, None] & d_ok[None, :], other=0.0)
+            j_after = j_next + TILE
+            ok_after = j_after < j_stop
+            block_id_after = tl.load(block_table_row + j_after // BLOCK_SIZE, mask=ok_after, other=0)
 
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, TILE] fp32
-        if USE_SOFTCAP:
-            # softcap * tanh(x / softcap) with x = s * scale, tanh(y) = 2 * sigmoid(2y) - 1, in base 2.
-            s = softcap_log2 * (2.0 * tl.sigmoid((2.0 * scale_log2 / softcap_log2) * s) - 1.0)
-        else:
-            s = s * scale_log2
-        if MASKED:
-            visible = j[None, :] <= pos[:, None]  # causal
-            if USE_WINDOW:
-                visible = visible & (pos[:, None] - j[None, :] < sliding_window)
-            s = tl.where(visible, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]
-        if MASKED:  # a row that has seen no key yet keeps m = -inf; shift by 0 to avoid inf - inf
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_ref = m_new
-        p = tl.exp2(s - m_ref[:, None])  # [BLOCK_M, TILE]
-        alpha = tl.exp2(m_i - m_ref)  # [BLOCK_M] rescales what was accumulated so far
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, kt, v, j, pos, scale_log2, softcap_log2,
+                                          sliding_window, MASKED, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION)
+            j, kt, v = j_next, kt_next, v_next
+            j_next, ok_next, block_id_next = j_after, ok_after, block_id_after.to(tl.int64)
+    else:
+        for t in range(tile_begin, tile_end):
+            j = kv_start + t * TILE + offs_t  # [TILE] key positions
+            if MASKED:
+                j_ok = j < kv_end
+                block_id = tl.load(block_table_row + j // BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
+            else:
+                block_id = tl.load(block_table_row + j // BLOCK_SIZE).to(tl.int64)  # [TILE]
+            kt_ptr, v_ptr = _kv_tile_ptrs(k_base, v_base, block_id, j, stride_kb, stride_ks, stride_vb,
+                                          stride_vs, offs_d, BLOCK_SIZE)
+            if MASKED:
+                kt = tl.load(kt_ptr, mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [HEAD_PAD, TILE]
+                v = tl.load(v_ptr, mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [TILE, HEAD_PAD]
+            elif HEAD_PAD != HEAD_DIM:
+                kt = tl.load(kt_ptr, mask=d_ok[:, None], other=0.0)
+                v = tl.load(v_ptr, mask=d_ok[None, :], other=0.0)
+            else:
+                kt = tl.load(kt_ptr)
+                v = tl.load(v_ptr)
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, kt, v, j, pos, scale_log2, softcap_log2,
+                                          sliding_window, MASKED, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -168,6 +220,8 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr,
     TILE: tl.constexpr,  # keys per inner-loop step
     ROW_GRID: tl.constexpr,  # True: program id = row * q_blocks_per_row + q-block; False: search
+    HEADS_FIRST: tl.constexpr,  # grid axis 0 = KV heads: programs reading the same pages run together
+    PREFETCH: tl.constexpr,  # hand-pipelined single loop (decode) instead of Triton's pipeliner
     SPLIT: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
@@ -175,8 +229,12 @@ def _paged_attention_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     # Reverse order: the last q-blocks of a row see the most keys, start them first.
-    q_block_id = tl.num_programs(0) - 1 - tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_FIRST:
+        kv_head = tl.program_id(0)
+        q_block_id = tl.num_programs(1) - 1 - tl.program_id(1)
+    else:
+        q_block_id = tl.num_programs(0) - 1 - tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     if ROW_GRID:
@@ -240,25 +298,32 @@ def _paged_attention_kernel(
     k_base = k_cache_ptr + kv_head.to(tl.int64) * stride_kh
     v_base = v_cache_ptr + kv_head.to(tl.int64) * stride_vh
     bt_row = block_tables_ptr + row.to(tl.int64) * stride_bt
-    if USE_WINDOW:  # tiles cut by the window's lower edge
+    if PREFETCH:  # decode: one masked, hand-pipelined loop; the mask is cheap next to the traffic
         acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, pos, k_base, v_base, bt_row, t_begin, tl.minimum(t_end, full_lo),
+            acc, m_i, l_i, q, pos, k_base, v_base, bt_row, t_begin, t_end, kv_start, kv_end,
+            stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap_log2, sliding_window,
+            HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, True, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION,
+        )
+    else:  # prefill: only tiles on the window edge and the causal diagonal pay for the mask
+        if USE_WINDOW:  # tiles cut by the window's lower edge
+            acc, m_i, l_i = _attend_tiles(
+                acc, m_i, l_i, q, pos, k_base, v_base, bt_row, t_begin, tl.minimum(t_end, full_lo),
+                kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap_log2,
+                sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, False, USE_SOFTCAP, USE_WINDOW,
+                DOT_PRECISION,
+            )
+        acc, m_i, l_i = _attend_tiles(  # tiles every row sees in full
+            acc, m_i, l_i, q, pos, k_base, v_base, bt_row, tl.maximum(t_begin, full_lo),
+            tl.minimum(t_end, full_hi), kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
+            scale_log2, softcap_log2, sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, False, False,
+            USE_SOFTCAP, USE_WINDOW, DOT_PRECISION,
+        )
+        acc, m_i, l_i = _attend_tiles(  # tiles cut by the causal diagonal (and the sequence end)
+            acc, m_i, l_i, q, pos, k_base, v_base, bt_row, tl.maximum(t_begin, full_hi), t_end,
             kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap_log2,
-            sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW,
+            sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, False, USE_SOFTCAP, USE_WINDOW,
             DOT_PRECISION,
         )
-    acc, m_i, l_i = _attend_tiles(  # tiles every row sees in full
-        acc, m_i, l_i, q, pos, k_base, v_base, bt_row, tl.maximum(t_begin, full_lo),
-        tl.minimum(t_end, full_hi), kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
-        scale_log2, softcap_log2, sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, False, USE_SOFTCAP,
-        USE_WINDOW, DOT_PRECISION,
-    )
-    acc, m_i, l_i = _attend_tiles(  # tiles cut by the causal diagonal (and the sequence end)
-        acc, m_i, l_i, q, pos, k_base, v_base, bt_row, tl.maximum(t_begin, full_hi), t_end,
-        kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap_log2,
-        sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW,
-        DOT_PRECISION,
-    )
 
     # l == 0 only when a row saw no key (and no sink): its output is exactly 0.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # [BLOCK_M, HEAD_PAD]
@@ -323,12 +388,12 @@ class _Config:
     block_m: int  # rows of the q tile (tokens x heads of one KV head)
     tile: int  # keys per inner-loop step
     num_warps: int
-    num_stages: int
+    num_stages: int  # Triton's software pipelining depth (1 with prefetch: pipelined by hand)
     num_splits: int  # KV splits per (q-block, KV head); 1 = no merge kernel
+    prefetch: bool  # decode loop: next tile's loads issued before this tile's math
+    heads_first: bool = True  # grid axis 0 = KV heads
 
 
-# Minimum keys per split: below this the merge traffic and the per-program prologue dominate.
-_MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
 
 
@@ -346,23 +411,34 @@ def _choose_config(
     num_kv_heads: int,
     group: int,
     head_dim: int,
+    elem_bytes: int,  # bytes per element of query / KV
     max_kv_len: int,  # capacity bound from block_tables' width, not the real lengths
     num_sms: int,
     num_kv_splits: int | None,
 ) -> _Config:
+    """Launch config from shapes only. Values measured on an H200 (torch 2.11, Triton 3.6), 2026-11-21;
+    see benchmarks/KERNELS_NOTES.md."""
     decode_m = max(16, triton.next_power_of_2(group))
-    if max_query_len * group <= decode_m:  # every row fits in one small q tile: decode / spec-decode
-        block_m, tile, num_warps, num_stages = decode_m, 64 if head_dim <= 128 else 32, 4, 3
-    else:  # prefill or mixed batch
+    decode = max_query_len * group <= decode_m  # every row fits in one small q tile: decode / spec-decode
+    if decode:  # memory-bound: small q tile, hand-pipelined loads (two K/V tiles live in registers)
+        block_m, tile, num_warps, num_stages = decode_m, 64 if head_dim * elem_bytes <= 256 else 32, 4, 1
+    else:  # prefill or mixed batch: compute-bound, Triton's pipeliner feeds the tensor cores
         block_m = max(128 if head_dim <= 128 else 64, triton.next_power_of_2(group))
         tile, num_warps, num_stages = (64, 8, 3) if head_dim <= 128 else (32, 8, 2)
     block_q = max(1, block_m // group)
     num_q_programs = min(num_tokens // block_q + num_seqs, num_seqs * triton.cdiv(max_query_len, block_q))
+    programs = max(1, num_q_programs * num_kv_heads)
     if num_kv_splits is None:
-        programs = max(1, num_q_programs * num_kv_heads)
-        want = triton.cdiv(2 * num_sms, programs)  # about two programs per SM
-        num_kv_splits = max(1, min(want, triton.cdiv(max_kv_len, _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
-    return _Config(block_m, tile, num_warps, num_stages, num_kv_splits)
+        num_kv_splits = 1
+        if decode and programs < 2 * num_sms:
+            # about four programs per SM, a power of 2, and at least one tile of keys per split
+            want = triton.cdiv(4 * num_sms, programs)
+            want = 1 << (want.bit_length() - 1)
+            num_kv_splits = max(1, min(want, triton.cdiv(max_kv_len, tile), _MAX_SPLITS))
+        elif not decode and programs < num_sms and max_kv_len >= 4 * max_query_len:
+            # a short chunk on a long context: two splits of 4 warps keep two programs on every SM
+            num_kv_splits, num_warps = 2, 4
+    return _Config(block_m, tile, num_warps, num_stages, num_kv_splits, prefetch=decode)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,6 +499,7 @@ def paged_attention(
         num_kv_heads=num_kv_heads,
         group=group,
         head_dim=head_dim,
+        elem_bytes=query.element_size(),
         max_kv_len=block_tables.shape[1] * block_size,
         num_sms=_num_sms(query.device),
         num_kv_splits=num_kv_splits,
@@ -454,7 +531,8 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
     else:
         part_out = part_lse = out  # never touched
     head_pad = triton.next_power_of_2(head_dim)
-    _paged_attention_kernel[(num_q_programs, num_kv_heads, cfg.num_splits)](
+    grid = (num_kv_heads, num_q_programs) if cfg.heads_first else (num_q_programs, num_kv_heads)
+    _paged_attention_kernel[(*grid, cfg.num_splits)](
         out_ptr=out,
         part_out_ptr=part_out,
         part_lse_ptr=part_lse,
@@ -491,6 +569,8 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
         BLOCK_Q=block_q,
         TILE=cfg.tile,
         ROW_GRID=row_grid,
+        HEADS_FIRST=cfg.heads_first,
+        PREFETCH=cfg.prefetch,
         SPLIT=split,
         USE_SOFTCAP=softcap is not None,
         USE_WINDOW=sliding_window is not None,

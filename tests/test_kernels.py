@@ -206,12 +206,10 @@ def test_paged_attention_all_rows_idle():
 
 def test_split_heuristic_from_shapes():
     """Few long rows get split; a big batch does not; the choice never needs device values."""
-    few = pa._choose_config(num_tokens=1, num_seqs=1, max_query_len=1, num_kv_heads=8, group=4, head_dim=128,
-                            max_kv_len=8192, num_sms=132, num_kv_splits=None)
-    many = pa._choose_config(num_tokens=256, num_seqs=256, max_query_len=1, num_kv_heads=8, group=4,
-                             head_dim=128, max_kv_len=8192, num_sms=132, num_kv_splits=None)
-    forced = pa._choose_config(num_tokens=1, num_seqs=1, max_query_len=1, num_kv_heads=8, group=4,
-                               head_dim=128, max_kv_len=8192, num_sms=132, num_kv_splits=5)
+    shape = dict(max_query_len=1, num_kv_heads=8, group=4, head_dim=128, elem_bytes=2, max_kv_len=8192, num_sms=132)
+    few = pa._choose_config(num_tokens=1, num_seqs=1, num_kv_splits=None, **shape)
+    many = pa._choose_config(num_tokens=256, num_seqs=256, num_kv_splits=None, **shape)
+    forced = pa._choose_config(num_tokens=1, num_seqs=1, num_kv_splits=5, **shape)
     assert few.num_splits > 1 and many.num_splits == 1 and forced.num_splits == 5
 
 
@@ -375,9 +373,9 @@ def test_kernels_64bit_block_offsets():
     pool = torch.empty(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
     k_cache, v_cache = pool[0], pool[1]
     rows = [(100, 1), (40, 40), (300, 17)]
-    blocks = torch.arange(num_blocks - 50, num_blocks, dtype=torch.int32, device="cuda")  # the far end
-    assert (num_blocks - 50) * per_block > 2**31
-    block_tables = blocks[:48].view(3, 16).contiguous()
+    blocks = torch.arange(num_blocks - 60, num_blocks, dtype=torch.int32, device="cuda")  # the far end
+    assert (num_blocks - 60) * per_block > 2**31
+    block_tables = blocks.view(3, 20).flip(1).contiguous()  # 20 blocks = 320 keys per row, in reverse
     # write every token of every row through write_kv, from a random source
     slots = torch.cat([block_tables[r].repeat_interleave(block_size).long()[: s] * block_size
                        + torch.arange(s, device="cuda") % block_size for r, (s, _) in enumerate(rows)])
