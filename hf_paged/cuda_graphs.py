@@ -149,6 +149,14 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         self.capture_seconds += time.perf_counter() - start
 
+    def capture_all(self) -> None:
+        """Capture every bucket now (startup cost, reported in ``capture_seconds``) instead of mid-run."""
+        for size in self.sizes:
+            if size not in self._buckets:
+                b = self._buckets[size] = self._make_bucket(size)
+                if self.capture:
+                    self._capture(b)
+
     def run(self, token_ids: list[int], seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor | None:
         """Logits ``[B, V]`` of a decode step, or None when B exceeds every bucket (caller runs it eagerly)."""
         size = self.bucket_for(len(token_ids))

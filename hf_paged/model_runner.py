@@ -77,6 +77,8 @@ class ModelRunner:
         width = 1 << max(0, blocks - 1).bit_length()  # a power of two: few distinct widths, few recaptures
         if self.graphs is None or self.graphs.width < width:
             self.graphs = DecodeGraphs(self.model, self.cache, width, self.max_num_seqs)
+            if self._layout_checked:  # capture needs a forward that already checked the layout
+                self.graphs.capture_all()
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Forward the step; returns ``[R, V]`` logits of the requests that sample, in batch order."""
