@@ -28,7 +28,7 @@ import torch
 from .enable import uses_attention_interface
 from .kv_pool import KVPool
 from .model_runner import ModelRunner, kv_layout_from_config, max_model_len
-from .options import BACKENDS, PoolOptions
+from .options import BACKENDS, PoolOptions, pool_options_of
 from .request import GenerationResult, IncrementalDetokenizer, Request, SampleResult, StreamEvent
 from .sampler import Sampler
 from .profile import StepProfile
@@ -64,12 +64,7 @@ class GeneratorOptions:
         self.pool()  # validates the pool fields
 
     def pool(self) -> PoolOptions:
-        return PoolOptions(
-            block_size=self.block_size,
-            num_blocks=self.num_blocks,
-            memory_fraction=self.memory_fraction,
-            cpu_memory_bytes=self.cpu_memory_bytes,
-        )
+        return pool_options_of(self)
 
 
 @dataclass(slots=True)

@@ -61,9 +61,9 @@ class EnableOptions:
         self.pool()  # validates the pool fields
 
     def pool(self) -> PoolOptions:
-        return PoolOptions(
-            block_size=self.block_size,
-            num_blocks=self.num_blocks,
-            memory_fraction=self.memory_fraction,
-            cpu_memory_bytes=self.cpu_memory_bytes,
-        )
+        return pool_options_of(self)
+
+
+def pool_options_of(options: Any) -> PoolOptions:
+    """The pool fields of a larger options object (``enable``'s or ``ContinuousGenerator``'s), validated."""
+    return PoolOptions(**{f.name: getattr(options, f.name) for f in dataclasses.fields(PoolOptions)})
