@@ -52,14 +52,11 @@ DECODE_BATCHES = (1, 16, 64, 256)
 DECODE_CONTEXTS = (512, 2048, 8192)
 PREFILL_CASES = ((512, 0), (512, 4096), (2048, 0), (2048, 4096))  # (new tokens, cached tokens)
 
-# Tuning sweep. Decode: (tile, num_warps, num_stages, prefetch, heads_first); prefill: (block_m, tile,
+# Tuning sweep (--sweep). Decode: (tile, num_warps, num_stages, heads_first); prefill: (block_m, tile,
 # num_warps, num_stages, heads_first); each crossed with the split counts below.
-DECODE_VARIANTS = [(64, 4, 1, True, True), (64, 4, 1, True, False), (32, 4, 1, True, True), (64, 8, 1, True, True),
-                   (32, 8, 1, True, True), (16, 4, 1, True, True), (64, 4, 2, False, True), (64, 4, 2, False, False),
-                   (64, 2, 3, False, True)]
-DECODE_SPLITS = {1: (16, 32, 64), 16: (1, 2, 4, 8), 64: (1, 2), 256: (1,)}
-PREFILL_VARIANTS = [(128, 64, 8, 3, True), (128, 64, 8, 3, False), (128, 64, 4, 3, True), (128, 64, 4, 3, False),
-                    (64, 64, 4, 3, True), (128, 128, 8, 2, True)]
+DECODE_VARIANTS = [(64, 4, 2, True), (64, 4, 2, False), (64, 2, 3, True), (32, 4, 2, True), (128, 4, 2, True)]
+DECODE_SPLITS = {1: (8, 16, 32, 64), 16: (1, 2, 4, 8), 64: (1, 2), 256: (1,)}
+PREFILL_VARIANTS = [(128, 64, 8, 3, True), (128, 64, 4, 3, True), (64, 64, 4, 3, True), (128, 128, 8, 2, True)]
 PREFILL_SPLITS = (1, 2)
 
 
@@ -122,18 +119,17 @@ def run_decode(bw_copy: float, sweep: bool, deadline: float, rows: list, sweeps:
             ms_sdpa = bench(sdpa)
             row = dict(kind="decode", batch=batch, ctx=ctx, ms=ms, tbps=nbytes / ms / 1e9, frac_copy=nbytes / ms / 1e-3 / bw_copy,
                        sdpa_ms=ms_sdpa, sdpa_tbps=nbytes / ms_sdpa / 1e9, speedup=ms_sdpa / ms, err=err, sdpa_vs_kernel=sdpa_err,
-                       cfg=dict(tile=cfg.tile, warps=cfg.num_warps, stages=cfg.num_stages, splits=cfg.num_splits,
-                                prefetch=cfg.prefetch))
+                       cfg=dict(tile=cfg.tile, warps=cfg.num_warps, stages=cfg.num_stages, splits=cfg.num_splits))
             rows.append(row)
             print(f"decode B={batch:4d} ctx={ctx:5d}: {ms*1e3:8.1f} us {row['tbps']:.2f} TB/s ({row['frac_copy']:.0%} of copy)"
                   f"  sdpa {ms_sdpa*1e3:8.1f} us  x{row['speedup']:.2f}  err {err:.1e} cfg {row['cfg']}", flush=True)
             if sweep and time.time() < deadline:
                 best = (ms, "heuristic")
-                for tile, warps, stages, prefetch, heads_first in DECODE_VARIANTS:
+                for tile, warps, stages, heads_first in DECODE_VARIANTS:
                     for splits in DECODE_SPLITS[batch]:
                         if time.time() > deadline:
                             break
-                        c = pa._Config(16, tile, warps, stages, splits, prefetch, heads_first)
+                        c = pa._Config(16, tile, warps, stages, splits, heads_first)
                         fn = lambda: pa._launch(*args, SCALE, None, None, None, out, c)
                         try:
                             fn()
@@ -143,7 +139,7 @@ def run_decode(bw_copy: float, sweep: bool, deadline: float, rows: list, sweeps:
                             print(f"   sweep {c}: failed {type(exc).__name__}: {str(exc)[:100]}")
                             continue
                         sweeps.append(dict(kind="decode", batch=batch, ctx=ctx, tile=tile, warps=warps, stages=stages,
-                                           prefetch=prefetch, heads_first=heads_first, splits=splits, ms=t,
+                                           heads_first=heads_first, splits=splits, ms=t,
                                            tbps=nbytes / t / 1e9, err=e))
                         if t < best[0]:
                             best = (t, f"{c}")
@@ -202,7 +198,7 @@ def run_prefill(sweep: bool, deadline: float, rows: list, sweeps: list) -> None:
                 for splits in PREFILL_SPLITS:
                     if time.time() > deadline:
                         break
-                    c = pa._Config(block_m, tile, warps, stages, splits, False, heads_first)
+                    c = pa._Config(block_m, tile, warps, stages, splits, heads_first)
                     fn = lambda: pa._launch(*args, SCALE, None, None, None, out, c)
                     try:
                         fn()

@@ -15,8 +15,9 @@ written from scratch. What it keeps from them:
   is cut into ``num_splits`` parts whose partial results are merged by log-sum-exp in a second kernel.
 
 What differs: one kernel body for split and unsplit launches (a constexpr picks the epilogue), key
-tiles that need no mask run in their own loop, the heaviest q-blocks are scheduled first, and the
-position rule below replaces separate context/query length arguments.
+tiles that need no mask run in their own loop, the heaviest q-blocks are scheduled first, KV heads are
+the fastest grid axis (the programs reading one page run together), and the position rule below
+replaces separate context/query length arguments.
 
 Length vocabulary (per sequence/row ``b`` of the batch)::
 
@@ -34,7 +35,6 @@ library's CPU path. Untested here: fp8 caches (not supported), head_dim outside 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -127,64 +127,34 @@ def _attend_tiles(
     stride_kb, stride_ks, stride_vb, stride_vs,
     scale_log2, softcap_log2, sliding_window,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-    MASKED: tl.constexpr,  # False: every (row, key) of these tiles is visible, skip the causal mask
-    PREFETCH: tl.constexpr,  # True: hand-pipelined loads (decode); False: Triton's pipeliner (prefill)
+    MASKED: tl.constexpr,  # False: every (row, key) of these tiles is visible, skip all masks
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate tiles ``[tile_begin, tile_end)``. Physical offsets are 64-bit: block_id * stride_kb
-    can pass 2^31 elements on big pools."""
+    """Accumulate tiles ``[tile_begin, tile_end)``; Triton's pipeliner overlaps the loads (``num_stages``).
+    Physical offsets are 64-bit: block_id * stride_kb can pass 2^31 elements on big pools."""
     offs_t = tl.arange(0, TILE)  # [TILE]
     offs_d = tl.arange(0, HEAD_PAD)  # [HEAD_PAD]
     d_ok = offs_d < HEAD_DIM
-    if PREFETCH:
-        # Decode is latency-bound: issue the next tile's K/V and the block ids of the one after it
-        # before this tile's math, so that their memory latency overlaps it. Loads past the range are
-        # masked off (no traffic).
-        j_stop = tl.minimum(kv_end, kv_start + tile_end * TILE)  # loads at or past this are off
-        j = kv_start + tile_begin * TILE + offs_t  # [TILE] key positions of the current tile
-        ok = j < j_stop
-        block_id = tl.load(block_table_row + j // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+    for t in range(tile_begin, tile_end):
+        j = kv_start + t * TILE + offs_t  # [TILE] key positions
+        if MASKED:
+            j_ok = j < kv_end
+            block_id = tl.load(block_table_row + j // BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
+        else:
+            block_id = tl.load(block_table_row + j // BLOCK_SIZE).to(tl.int64)  # [TILE]
         kt_ptr, v_ptr = _kv_tile_ptrs(k_base, v_base, block_id, j, stride_kb, stride_ks, stride_vb,
                                       stride_vs, offs_d, BLOCK_SIZE)
-        kt = tl.load(kt_ptr, mask=ok[None, :] & d_ok[:, None], other=0.0)  # [HEAD_PAD, TILE]
-        v = tl.load(v_ptr, mask=ok[:, None] & d_ok[None, :], other=0.0)  # [TILE, HEAD_PAD]
-        j_next = j + TILE
-        ok_next = j_next < j_stop
-        block_id_next = tl.load(block_table_row + j_next // BLOCK_SIZE, mask=ok_next, other=0).to(tl.int64)
-        for t in range(tile_begin, tile_end):
-            kt_ptr, v_ptr = _kv_tile_ptrs(k_base, v_base, block_id_next, j_next, stride_kb, stride_ks,
-                                          stride_vb, stride_vs, offs_d, BLOCK_SIZE)
-            kt_next = tl.load(kt_ptr, mask=ok_next[None, :] & d_ok[:, None], other=0.0)
-            v_next = tl.load(v_ptr, mask=ok_next[:, None] & d_ok[None, :], other=0.0)
-            j_after = j_next + TILE
-            ok_after = j_after < j_stop
-            block_id_after = tl.load(block_table_row + j_after // BLOCK_SIZE, mask=ok_after, other=0)
-
-            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, kt, v, j, pos, scale_log2, softcap_log2,
-                                          sliding_window, MASKED, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION)
-            j, kt, v = j_next, kt_next, v_next
-            j_next, ok_next, block_id_next = j_after, ok_after, block_id_after.to(tl.int64)
-    else:
-        for t in range(tile_begin, tile_end):
-            j = kv_start + t * TILE + offs_t  # [TILE] key positions
-            if MASKED:
-                j_ok = j < kv_end
-                block_id = tl.load(block_table_row + j // BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
-            else:
-                block_id = tl.load(block_table_row + j // BLOCK_SIZE).to(tl.int64)  # [TILE]
-            kt_ptr, v_ptr = _kv_tile_ptrs(k_base, v_base, block_id, j, stride_kb, stride_ks, stride_vb,
-                                          stride_vs, offs_d, BLOCK_SIZE)
-            if MASKED:
-                kt = tl.load(kt_ptr, mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [HEAD_PAD, TILE]
-                v = tl.load(v_ptr, mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [TILE, HEAD_PAD]
-            elif HEAD_PAD != HEAD_DIM:
-                kt = tl.load(kt_ptr, mask=d_ok[:, None], other=0.0)
-                v = tl.load(v_ptr, mask=d_ok[None, :], other=0.0)
-            else:
-                kt = tl.load(kt_ptr)
-                v = tl.load(v_ptr)
-            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, kt, v, j, pos, scale_log2, softcap_log2,
-                                          sliding_window, MASKED, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION)
+        if MASKED:
+            kt = tl.load(kt_ptr, mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [HEAD_PAD, TILE]
+            v = tl.load(v_ptr, mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [TILE, HEAD_PAD]
+        elif HEAD_PAD != HEAD_DIM:
+            kt = tl.load(kt_ptr, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptr, mask=d_ok[None, :], other=0.0)
+        else:
+            kt = tl.load(kt_ptr)
+            v = tl.load(v_ptr)
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, kt, v, j, pos, scale_log2, softcap_log2,
+                                      sliding_window, MASKED, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -221,7 +191,6 @@ def _paged_attention_kernel(
     TILE: tl.constexpr,  # keys per inner-loop step
     ROW_GRID: tl.constexpr,  # True: program id = row * q_blocks_per_row + q-block; False: search
     HEADS_FIRST: tl.constexpr,  # grid axis 0 = KV heads: programs reading the same pages run together
-    PREFETCH: tl.constexpr,  # hand-pipelined single loop (decode) instead of Triton's pipeliner
     SPLIT: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr,
@@ -245,9 +214,9 @@ def _paged_attention_kernel(
         q_block = q_block_id - (tl.load(query_start_loc_ptr + row) // BLOCK_Q + row)
     q_start = tl.load(query_start_loc_ptr + row)
     num_q = tl.load(query_start_loc_ptr + row + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + row)  # issued before the branch: one less round trip
     if q_block * BLOCK_Q >= num_q:
         return
-    seq_len = tl.load(seq_lens_ptr + row)
     context_len = seq_len - num_q  # position of the row's first query token
 
     # Row m of the tile = query token m // GROUP of this q-block, query head m % GROUP of this KV head.
@@ -298,32 +267,26 @@ def _paged_attention_kernel(
     k_base = k_cache_ptr + kv_head.to(tl.int64) * stride_kh
     v_base = v_cache_ptr + kv_head.to(tl.int64) * stride_vh
     bt_row = block_tables_ptr + row.to(tl.int64) * stride_bt
-    if PREFETCH:  # decode: one masked, hand-pipelined loop; the mask is cheap next to the traffic
+    # Only tiles on the window edge and on the causal diagonal pay for the mask.
+    if USE_WINDOW:  # tiles cut by the window's lower edge
         acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, pos, k_base, v_base, bt_row, t_begin, t_end, kv_start, kv_end,
-            stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap_log2, sliding_window,
-            HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, True, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION,
-        )
-    else:  # prefill: only tiles on the window edge and the causal diagonal pay for the mask
-        if USE_WINDOW:  # tiles cut by the window's lower edge
-            acc, m_i, l_i = _attend_tiles(
-                acc, m_i, l_i, q, pos, k_base, v_base, bt_row, t_begin, tl.minimum(t_end, full_lo),
-                kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap_log2,
-                sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, False, USE_SOFTCAP, USE_WINDOW,
-                DOT_PRECISION,
-            )
-        acc, m_i, l_i = _attend_tiles(  # tiles every row sees in full
-            acc, m_i, l_i, q, pos, k_base, v_base, bt_row, tl.maximum(t_begin, full_lo),
-            tl.minimum(t_end, full_hi), kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
-            scale_log2, softcap_log2, sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, False, False,
-            USE_SOFTCAP, USE_WINDOW, DOT_PRECISION,
-        )
-        acc, m_i, l_i = _attend_tiles(  # tiles cut by the causal diagonal (and the sequence end)
-            acc, m_i, l_i, q, pos, k_base, v_base, bt_row, tl.maximum(t_begin, full_hi), t_end,
+            acc, m_i, l_i, q, pos, k_base, v_base, bt_row, t_begin, tl.minimum(t_end, full_lo),
             kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap_log2,
-            sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, False, USE_SOFTCAP, USE_WINDOW,
+            sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW,
             DOT_PRECISION,
         )
+    acc, m_i, l_i = _attend_tiles(  # tiles every row sees in full
+        acc, m_i, l_i, q, pos, k_base, v_base, bt_row, tl.maximum(t_begin, full_lo),
+        tl.minimum(t_end, full_hi), kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
+        scale_log2, softcap_log2, sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, False,
+        USE_SOFTCAP, USE_WINDOW, DOT_PRECISION,
+    )
+    acc, m_i, l_i = _attend_tiles(  # tiles cut by the causal diagonal (and the sequence end)
+        acc, m_i, l_i, q, pos, k_base, v_base, bt_row, tl.maximum(t_begin, full_hi), t_end,
+        kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap_log2,
+        sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW,
+        DOT_PRECISION,
+    )
 
     # l == 0 only when a row saw no key (and no sink): its output is exactly 0.
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # [BLOCK_M, HEAD_PAD]
@@ -354,8 +317,9 @@ def _merge_splits_kernel(
 ):
     """out = sum_s w_s * o_s / sum_s w_s with w_s = 2^(lse_s - max lse): one token, BLOCK_H heads."""
     tok = tl.program_id(0).to(tl.int64)
-    if tok >= tl.load(query_start_loc_ptr + num_seqs):  # no row owns this token: leave it alone
-        return
+    # Tokens no row owns are left alone; the partials are read regardless (they exist, unused), so
+    # that this check does not delay the loads.
+    num_heads_out = tl.where(tok < tl.load(query_start_loc_ptr + num_seqs), NUM_Q_HEADS, 0)
     head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_PAD)
@@ -374,7 +338,7 @@ def _merge_splits_kernel(
     tl.store(
         out_ptr + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         merged.to(out_ptr.dtype.element_ty),
-        mask=(head[:, None] < NUM_Q_HEADS) & (offs_d[None, :] < HEAD_DIM),
+        mask=(head[:, None] < num_heads_out) & (offs_d[None, :] < HEAD_DIM),
     )
 
 
@@ -388,9 +352,8 @@ class _Config:
     block_m: int  # rows of the q tile (tokens x heads of one KV head)
     tile: int  # keys per inner-loop step
     num_warps: int
-    num_stages: int  # Triton's software pipelining depth (1 with prefetch: pipelined by hand)
+    num_stages: int  # Triton's software pipelining depth
     num_splits: int  # KV splits per (q-block, KV head); 1 = no merge kernel
-    prefetch: bool  # decode loop: next tile's loads issued before this tile's math
     heads_first: bool = True  # grid axis 0 = KV heads
 
 
@@ -416,12 +379,15 @@ def _choose_config(
     num_sms: int,
     num_kv_splits: int | None,
 ) -> _Config:
-    """Launch config from shapes only. Values measured on an H200 (torch 2.11, Triton 3.6), 2026-11-21;
-    see benchmarks/KERNELS_NOTES.md."""
+    """Launch config from shapes only (hot path: no device reads).
+
+    Tuned by the sweep in benchmarks/gpu_kernels.py on one H200 (torch 2.11, Triton 3.6), 2026-11-21, for
+    32 q / 8 kv heads, head_dim 128, bf16; readings in benchmarks/KERNELS_NOTES.md.
+    """
     decode_m = max(16, triton.next_power_of_2(group))
     decode = max_query_len * group <= decode_m  # every row fits in one small q tile: decode / spec-decode
-    if decode:  # memory-bound: small q tile, hand-pipelined loads (two K/V tiles live in registers)
-        block_m, tile, num_warps, num_stages = decode_m, 64 if head_dim * elem_bytes <= 256 else 32, 4, 1
+    if decode:  # memory-bound: small q tile; 64-key tiles, 4 warps, 2 stages won or tied at every batch
+        block_m, tile, num_warps, num_stages = decode_m, 64 if head_dim * elem_bytes <= 256 else 32, 4, 2
     else:  # prefill or mixed batch: compute-bound, Triton's pipeliner feeds the tensor cores
         block_m = max(128 if head_dim <= 128 else 64, triton.next_power_of_2(group))
         tile, num_warps, num_stages = (64, 8, 3) if head_dim <= 128 else (32, 8, 2)
@@ -435,10 +401,11 @@ def _choose_config(
             want = triton.cdiv(4 * num_sms, programs)
             want = 1 << (want.bit_length() - 1)
             num_kv_splits = max(1, min(want, triton.cdiv(max_kv_len, tile), _MAX_SPLITS))
-        elif not decode and programs < num_sms and max_kv_len >= 4 * max_query_len:
-            # a short chunk on a long context: two splits of 4 warps keep two programs on every SM
+        elif not decode and programs < 4 * num_sms and max_kv_len >= 2 * max_query_len:
+            # a chunk on a longer cached context: two splits of 4 warps, two programs per SM
+            # (512 on 4096 cached: 126 us against 137 us unsplit; 2048 on 4096: 515 against 545)
             num_kv_splits, num_warps = 2, 4
-    return _Config(block_m, tile, num_warps, num_stages, num_kv_splits, prefetch=decode)
+    return _Config(block_m, tile, num_warps, num_stages, num_kv_splits)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -570,7 +537,6 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
         TILE=cfg.tile,
         ROW_GRID=row_grid,
         HEADS_FIRST=cfg.heads_first,
-        PREFETCH=cfg.prefetch,
         SPLIT=split,
         USE_SOFTCAP=softcap is not None,
         USE_WINDOW=sliding_window is not None,
