@@ -367,6 +367,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=256)  # ~15 us of Python per call otherwise; args are plain ints
 def _choose_config(
     num_tokens: int,
     num_seqs: int,
