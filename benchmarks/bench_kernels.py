@@ -9,31 +9,19 @@ or TFLOP/s (prefill). The full sweep with SDPA baselines is `benchmarks/gpu_kern
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a GPU")
 
+from hf_paged.kernels import kv_write as kv_write_module  # noqa: E402
+from hf_paged.kernels import paged_attention as paged_attention_module  # noqa: E402
+
 HQ, HKV, D, BS = 32, 8, 128, 16
 
 
-def _load(name: str):
-    """``hf_paged.kernels.<name>``, or the file by path when the package is not installed."""
-    try:
-        return importlib.import_module(f"hf_paged.kernels.{name}")
-    except ImportError:
-        path = Path(__file__).resolve().parents[1] / "kernels" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"_hf_paged_kernels_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
 
 
 def _problem(num_seqs: int, seq_len: int, num_q: int):
@@ -56,7 +44,7 @@ def _timed(fn):
 
 @pytest.mark.parametrize("batch,ctx", [(1, 8192), (16, 2048), (64, 2048), (256, 2048)])
 def test_bench_decode(benchmark, batch, ctx):
-    paged_attention = _load("paged_attention").paged_attention
+    paged_attention = paged_attention_module.paged_attention
     args = _problem(batch, ctx, 1)
     out = torch.empty_like(args[0])
     fn = _timed(lambda: paged_attention(*args, scale=D**-0.5, out=out))
@@ -67,7 +55,7 @@ def test_bench_decode(benchmark, batch, ctx):
 
 @pytest.mark.parametrize("new,cached", [(512, 4096), (2048, 0)])
 def test_bench_prefill(benchmark, new, cached):
-    paged_attention = _load("paged_attention").paged_attention
+    paged_attention = paged_attention_module.paged_attention
     args = _problem(1, new + cached, new)
     out = torch.empty_like(args[0])
     fn = _timed(lambda: paged_attention(*args, scale=D**-0.5, out=out))
@@ -78,7 +66,7 @@ def test_bench_prefill(benchmark, new, cached):
 
 @pytest.mark.parametrize("num_tokens", [256, 4096])
 def test_bench_write_kv(benchmark, num_tokens):
-    write_kv = _load("kv_write").write_kv
+    write_kv = kv_write_module.write_kv
     pool = torch.randn(2, num_tokens // BS + 1, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(2, HKV, num_tokens, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # strided views
     slots = torch.randperm(pool.shape[1] * BS, device="cuda")[:num_tokens]

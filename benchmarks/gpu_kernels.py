@@ -15,8 +15,6 @@ mask on contiguous K/V. Times are `triton.testing.do_bench` medians (it flushes 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -32,19 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _load(name: str):
-    """``hf_paged.kernels.<name>``, or the file by path when the package is not installed."""
-    try:
-        return importlib.import_module(f"hf_paged.kernels.{name}")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(f"_hf_paged_kernels_{name}", ROOT / "kernels" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
 
 
-pa = _load("paged_attention")
+from hf_paged.kernels import paged_attention as pa  # noqa: E402  (after the sys.path insert)
 
 HQ, HKV, D, BS, DTYPE = 32, 8, 128, 16, torch.bfloat16
 SCALE = D**-0.5

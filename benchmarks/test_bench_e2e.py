@@ -51,21 +51,15 @@ def _once(benchmark, fn):
     return benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
 
 
-def test_continuous_generator(benchmark, model, prompts):
-    result = _once(benchmark, lambda: run_continuous(model, prompts, WORKLOAD.new_tokens, DEVICE))
-    _record(benchmark, result)
+RUNNERS = {
+    "continuous": lambda model, prompts: run_continuous(model, prompts, WORKLOAD.new_tokens, DEVICE),
+    "hf_static": lambda model, prompts: run_static_generate(model, prompts, WORKLOAD.new_tokens, HF_BATCH, DEVICE),
+    "hf_generate_batch": lambda model, prompts: run_hf_generate_batch(model, prompts, WORKLOAD.new_tokens, DEVICE),
+    "enable_generate": lambda model, prompts: run_enable_generate(model, prompts, WORKLOAD.new_tokens, HF_BATCH, DEVICE),
+}
 
 
-def test_hf_static_generate(benchmark, model, prompts):
-    result = _once(benchmark, lambda: run_static_generate(model, prompts, WORKLOAD.new_tokens, HF_BATCH, DEVICE))
-    _record(benchmark, result)
-
-
-def test_hf_generate_batch(benchmark, model, prompts):
-    result = _once(benchmark, lambda: run_hf_generate_batch(model, prompts, WORKLOAD.new_tokens, DEVICE))
-    _record(benchmark, result)
-
-
-def test_enable_generate(benchmark, model, prompts):
-    result = _once(benchmark, lambda: run_enable_generate(model, prompts, WORKLOAD.new_tokens, HF_BATCH, DEVICE))
+@pytest.mark.parametrize("system", list(RUNNERS))
+def test_end_to_end(benchmark, model, prompts, system):
+    result = _once(benchmark, lambda: RUNNERS[system](model, prompts))
     _record(benchmark, result)

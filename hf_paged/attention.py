@@ -10,6 +10,7 @@ training and ordinary forwards behave exactly as before.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 from collections.abc import Iterator
@@ -134,14 +135,18 @@ def paged_attention_forward(
 TRITON_HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
+@functools.cache
+def _attention_impl(triton: bool):
+    """The Triton launcher or the torch reference (imported once: triton loads lazily)."""
+    from .kernels import paged_attention
+
+    return paged_attention.paged_attention if triton else paged_attention.paged_attention_reference
+
+
 def run_paged_attention(q_tok, k_cache, v_cache, step, *, scale, sliding_window, softcap, sinks, backend):
     """Dispatch to the Triton kernel on CUDA (unless ``backend="torch"``) or the torch reference."""
     use_triton = q_tok.shape[-1] in TRITON_HEAD_DIMS and (backend == "triton" or (backend == "auto" and q_tok.is_cuda))
-    if use_triton:
-        from .kernels.paged_attention import paged_attention as impl
-    else:
-        from .kernels.paged_attention import paged_attention_reference as impl
-    return impl(
+    return _attention_impl(use_triton)(
         q_tok,
         k_cache,
         v_cache,

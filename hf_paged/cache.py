@@ -201,7 +201,7 @@ class PagedCache(Cache):
         mask = self._pending_mask
         # Decode steps only ever append real tokens (generate extends the mask with ones), so the mask
         # is read on the host only when a step brings several tokens.
-        if mask is None or q_len == 1 and self._logical_len > 0:
+        if mask is None or (q_len == 1 and self._logical_len > 0):
             return [q_len] * batch
         if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] != self._logical_len + q_len:
             raise ValueError(

@@ -13,14 +13,17 @@ Every tensor the captured forward reads lives in ``_Bucket`` buffers; a step cop
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .attention import active_cache, implementation_switch
-from .cache import PagedCache
+from .kv_pool import KVPool
 from .metadata import StepMetadata
+
+# (input_ids [1, T], position_ids [1, T], step, logits_to_keep [R]) -> logits [R, V]: ModelRunner.forward
+Forward = Callable[[torch.Tensor, torch.Tensor, StepMetadata, torch.Tensor], torch.Tensor]
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -39,7 +42,7 @@ class _Bucket:
 
 
 class DecodeGraphs:
-    """Captures and replays decode forwards of ``model`` over ``cache`` (a ``PagedCache`` planned externally).
+    """Captures and replays decode steps of ``forward`` (the model runner's packed forward over ``pool``).
 
     Args:
         max_blocks_per_seq: block-table width of the captured graphs (longest sequence / block size).
@@ -49,22 +52,20 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        cache: PagedCache,
+        forward: Forward,
+        pool: KVPool,
         max_blocks_per_seq: int,
         max_batch: int,
         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
         capture: bool = True,
     ) -> None:
-        self.model = model
-        self.cache = cache
-        self.device = cache.pool.layout.device
+        self.forward = forward
+        self.block_size = pool.block_size
+        self.device = pool.layout.device
         self.width = max_blocks_per_seq
         sizes = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.sizes = sizes
         self.capture = capture and self.device.type == "cuda"
-        self.switch = implementation_switch(model)
-        self.dummy_mask = torch.zeros((1, 1, 1, 1), dtype=cache.pool.layout.dtype, device=self.device)
         self._buckets: dict[int, _Bucket] = {}
         self._pool = None  # graphs share one memory pool: they never run concurrently
         self.capture_seconds = 0.0
@@ -85,7 +86,7 @@ class DecodeGraphs:
             block_tables=torch.zeros((size, m), dtype=torch.int32, device=dev),
             slot_mapping=torch.full((size,), -1, dtype=torch.int64, device=dev),
             max_query_len=1,
-            max_seq_len=m * self.cache.pool.block_size,
+            max_seq_len=m * self.block_size,
         )
         return _Bucket(
             size=size,
@@ -98,21 +99,11 @@ class DecodeGraphs:
         )
 
     def _forward(self, b: _Bucket) -> torch.Tensor:
-        self.cache.set_step(b.step)
-        with self.switch, active_cache(self.cache):
-            out = self.model(
-                input_ids=b.input_ids,
-                position_ids=b.positions,
-                attention_mask=self.dummy_mask,
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=b.logits_to_keep,
-            )
-        return out.logits[0]
+        return self.forward(b.input_ids, b.positions, b.step, b.logits_to_keep)
 
     def _load(self, b: _Bucket, token_ids: list[int], seq_lens: list[int], block_tables: list[list[int]]) -> None:
         """Stage the step's inputs on the host, then one copy to the device and a few device-side casts."""
-        n, size, m, bs = len(token_ids), b.size, self.width, self.cache.pool.block_size
+        n, size, m, bs = len(token_ids), b.size, self.width, self.block_size
         host = b.staging.numpy()
         host[:] = 0
         lens = np.asarray(seq_lens, dtype=np.int64)
@@ -173,6 +164,5 @@ class DecodeGraphs:
             b.graph.replay()
             logits = b.logits
         else:
-            with torch.inference_mode():
-                logits = self._forward(b)
+            logits = self._forward(b)
         return logits[: len(token_ids)]

@@ -6,6 +6,7 @@ the package), so it runs on a fresh machine with no downloads.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -56,7 +57,7 @@ def load_model(path: str | None, device: str, dtype: torch.dtype) -> tuple[torch
         name = path
     else:
         text = resources.files("hf_paged").joinpath("default_model/config.json").read_text()
-        config = transformers.LlamaConfig.from_dict(__import__("json").loads(text))
+        config = transformers.LlamaConfig.from_dict(json.loads(text))
         torch.manual_seed(0)
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(config)

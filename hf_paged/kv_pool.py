@@ -10,6 +10,7 @@ tables are shared by all layers of a sequence.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,14 @@ def resolve_num_blocks(options: PoolOptions, layout: KVLayout) -> int:
     return int(num_blocks)
 
 
+@functools.cache
+def _kv_writer(cuda: bool):
+    """The Triton writer on CUDA, the torch reference elsewhere (imported once: triton loads lazily)."""
+    from .kernels import kv_write
+
+    return kv_write.write_kv if cuda else kv_write.write_kv_reference
+
+
 class KVPool:
     """Per-layer K/V block tensors and the allocator that hands out their block ids."""
 
@@ -88,11 +97,7 @@ class KVPool:
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Scatter new tokens' K/V (``[num_tokens, num_kv_heads, head_dim]``) into their slots; slot -1 = skip."""
         k_cache, v_cache = self.layer(layer_idx)
-        if k_cache.is_cuda:
-            from .kernels.kv_write import write_kv
-        else:
-            from .kernels.kv_write import write_kv_reference as write_kv
-        write_kv(key, value, k_cache, v_cache, slot_mapping)
+        _kv_writer(k_cache.is_cuda)(key, value, k_cache, v_cache, slot_mapping)
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy whole blocks in every layer (copy-on-write of a shared, partly filled block)."""

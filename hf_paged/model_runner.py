@@ -15,7 +15,7 @@ from .attention import active_cache, implementation_switch
 from .cache import PagedCache
 from .cuda_graphs import DecodeGraphs
 from .kv_pool import KVLayout, KVPool
-from .metadata import build_step_metadata
+from .metadata import StepMetadata, build_step_metadata
 from .scheduler import ScheduledBatch
 
 
@@ -76,7 +76,7 @@ class ModelRunner:
         blocks = -(-max_seq_len // self.pool.block_size)
         width = 1 << max(0, blocks - 1).bit_length()  # a power of two: few distinct widths, few recaptures
         if self.graphs is None or self.graphs.width < width:
-            self.graphs = DecodeGraphs(self.model, self.cache, width, self.max_num_seqs)
+            self.graphs = DecodeGraphs(self.forward, self.pool, width, self.max_num_seqs)
             if self._layout_checked:  # capture needs a forward that already checked the layout
                 self.graphs.capture_all()
 
@@ -121,19 +121,28 @@ class ModelRunner:
         logits_to_keep = keep_host.to(self.device, non_blocking=True)
 
         step = build_step_metadata(query_lens, seq_lens, block_tables, self.pool.block_size, self.device)
-        self.cache.set_step(step)
         if not self._layout_checked:
             self._check_layout_on_first_update()
+        return self.forward(dev[0:1], dev[1:2], step, logits_to_keep)
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: StepMetadata, logits_to_keep: torch.Tensor
+    ) -> torch.Tensor:
+        """One packed forward (``[1, T]`` ids and positions) over the pool; ``[R, V]`` logits of the kept rows.
+
+        The eager path and the captured decode graphs both run exactly this.
+        """
+        self.cache.set_step(step)
         with torch.inference_mode(), self.switch, active_cache(self.cache):
             out = self.model(
-                input_ids=dev[0:1],
-                position_ids=dev[1:2],
+                input_ids=input_ids,
+                position_ids=position_ids,
                 attention_mask=self.dummy_mask,
                 past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=logits_to_keep,
             )
-        return out.logits[0]  # [R, V]
+        return out.logits[0]
 
     def _check_layout_on_first_update(self) -> None:
         """Wrap the cache's ``update`` for one forward to assert the real K/V match the pool's layout."""

@@ -69,7 +69,7 @@ class StepProfile:
         lines += [f"  {name:<34} {t:8.3f} s {t * per:8.3f} ms/step {t / wall:6.1%}" for name, t in rows]
         if self.device.type == "cuda":
             lines.append(
-                f"  {'GPU span (forward..sampled)':<34} {self.gpu_span_s:8.3f} s {self.gpu_span_s * per:8.3f} ms/step "
+                f"  {'forward..sampled span (GPU + gaps)':<34} {self.gpu_span_s:8.3f} s {self.gpu_span_s * per:8.3f} ms/step "
                 f"{self.gpu_span_s / wall:6.1%} of wall"
             )
         return "\n".join(lines)

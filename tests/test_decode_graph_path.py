@@ -6,7 +6,6 @@ nothing and change no real row's output, which is what this checks.
 
 from __future__ import annotations
 
-import torch
 
 from hf_paged import ContinuousGenerator, SamplingParams
 from hf_paged.cuda_graphs import DecodeGraphs
@@ -21,7 +20,7 @@ def test_padded_decode_buckets_match_eager():
 
     gen = ContinuousGenerator(model, progress=False, profile=True)
     # Buckets of 1, 2, 8: batches of 3 and 4 rows are padded with side-effect-free rows.
-    gen.runner.graphs = DecodeGraphs(model, gen.runner.cache, max_blocks_per_seq=8, max_batch=8, buckets=(1, 2, 8), capture=False)
+    gen.runner.graphs = DecodeGraphs(gen.runner.forward, gen.pool, max_blocks_per_seq=8, max_batch=8, buckets=(1, 2, 8), capture=False)
     padded = gen.generate(prompts, params)
     assert [r.token_ids for r in padded] == [r.token_ids for r in reference]
     assert gen.pool.allocator.is_whole()

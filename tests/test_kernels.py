@@ -7,13 +7,9 @@ Runs everywhere: on a CUDA machine with larger shapes, elsewhere under the Trito
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -24,21 +20,10 @@ if not ON_GPU:  # must precede the first import of triton: kernels run in the in
 import pytest  # noqa: E402
 
 
-def _load(name: str):
-    """``hf_paged.kernels.<name>``, or the file itself when the package is not installed (device runs)."""
-    try:
-        return importlib.import_module(f"hf_paged.kernels.{name}")
-    except ImportError:
-        path = Path(__file__).resolve().parents[1] / "kernels" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"_hf_paged_kernels_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        return module
 
 
-pa = _load("paged_attention")
-kvw = _load("kv_write")
+from hf_paged.kernels import kv_write as kvw  # noqa: E402
+from hf_paged.kernels import paged_attention as pa  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 LOW_DTYPE = torch.bfloat16 if ON_GPU else torch.float16  # the interpreter has no fast bf16 path
