@@ -114,6 +114,7 @@ def paged_attention_forward(
     if dropout:
         raise ValueError(f"hf_paged attention does not apply dropout (got dropout={dropout}); call model.eval() first")
     step = cache.step
+    cache.layer_windows[module.layer_idx] = sliding_window
     batch, heads, q_len, head_dim = query.shape
     q_tok = query.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
     k_cache, v_cache = cache.pool.layer(module.layer_idx)

@@ -102,11 +102,16 @@ class PagedCache(Cache):
         self._lens: list[int] = []  # per row: real tokens stored
         self._logical_len = 0
         self._pending_mask: torch.Tensor | None = None
+        self._pending_ids: torch.Tensor | None = None
         self._has_pending = False
         self._last_layer: int | None = None
         self.step: StepMetadata | None = None
         self._dense_index: torch.Tensor | None = None  # [B, logical_len] slots for the dense fallback
         self._external = False  # steps planned by the caller (ContinuousGenerator), not by update()
+        # The sliding window each layer's attention asked for (None: full attention), as seen by the
+        # paged attention function (0: not seen yet); the generator frees blocks behind the window when
+        # every layer has one.
+        self.layer_windows: list[int | None] = [0] * num_layers
 
     @classmethod
     def for_external_steps(cls, pool: KVPool, num_layers: int, *, backend: str = "auto") -> "PagedCache":
@@ -118,6 +123,13 @@ class PagedCache(Cache):
         cache.pool = pool
         cache._external = True
         return cache
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The widest window when every layer attends through one, else None (also before any forward)."""
+        if not all(self.layer_windows):
+            return None
+        return max(self.layer_windows)
 
     def set_step(self, step: StepMetadata) -> None:
         """Metadata of the next forward, built once by the caller and read by every layer."""
@@ -154,9 +166,10 @@ class PagedCache(Cache):
         return self.pool is not None
 
     # ---- the step --------------------------------------------------------------------------------
-    def begin_forward(self, attention_mask: torch.Tensor | None) -> None:
-        """Called by the forward pre-hook: the 2D mask (``[B, logical_len + q]``) of the coming step."""
+    def begin_forward(self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None = None) -> None:
+        """Called by the forward pre-hook: the 2D mask (``[B, logical_len + q]``) and ids of the coming step."""
         self._pending_mask = attention_mask
+        self._pending_ids = input_ids
         self._has_pending = True
 
     def update(
@@ -186,13 +199,17 @@ class PagedCache(Cache):
         if batch != len(self._lens):
             raise ValueError(f"PagedCache holds {len(self._lens)} rows but the forward has batch size {batch}")
         real = self._real_new_tokens(batch, q_len)
+        same_as = self._duplicate_rows(batch, q_len)
         self._has_pending = False
-        self._pending_mask = None
+        self._pending_mask = self._pending_ids = None
         new_lens = [n + r for n, r in zip(self._lens, real)]
-        self._reserve(new_lens, real)
+        self._reserve(new_lens, real, same_as)
         self._lens = new_lens
         self._logical_len += q_len
-        self.step = build_step_metadata([q_len] * batch, new_lens, self._blocks, self.pool.block_size, key_states.device)
+        writes = None if all(s is None for s in same_as) else [s is None for s in same_as]
+        self.step = build_step_metadata(
+            [q_len] * batch, new_lens, self._blocks, self.pool.block_size, key_states.device, writes
+        )
         if self.dense:
             self._dense_index = self._build_dense_index(key_states.device)
 
@@ -223,13 +240,43 @@ class PagedCache(Cache):
             )
         return counts.tolist()
 
-    def _reserve(self, new_lens: list[int], real: list[int]) -> None:
-        """Give every row the blocks its new tokens need, copying shared partial blocks before writes."""
+    def _duplicate_rows(self, batch: int, q_len: int) -> list[int | None]:
+        """Per row, an earlier row it duplicates exactly (same blocks so far, same new ids and mask), else None.
+
+        ``generate(num_beams=k)`` and ``num_return_sequences=k`` expand every prompt k times before the
+        first forward; duplicates then share the first copy's blocks instead of storing the prompt k
+        times. Checked on multi-token steps only, whose mask is read on the host anyway.
+        """
+        ids, mask = self._pending_ids, self._pending_mask
+        if batch == 1 or q_len == 1 or ids is None or ids.shape != (batch, q_len):
+            return [None] * batch
+        ids = ids.cpu().tolist()
+        mask = mask[:, -q_len:].cpu().tolist() if mask is not None else [None] * batch
+        first: dict[tuple, int] = {}
+        same_as: list[int | None] = []
+        for row in range(batch):
+            key = (tuple(self._blocks[row]), self._lens[row], tuple(ids[row]), mask[row] and tuple(mask[row]))
+            source = first.setdefault(key, row)
+            same_as.append(None if source == row else source)
+        return same_as
+
+    def _reserve(self, new_lens: list[int], real: list[int], same_as: list[int | None]) -> None:
+        """Give every row the blocks its new tokens need, copying shared partial blocks before writes.
+
+        A row that duplicates an earlier one gives its blocks back first (so the earlier row's shared
+        partial block is not copied needlessly) and then shares whatever that row ends up with.
+        """
         pool = self.pool
         bs = pool.block_size
         cow_src: list[int] = []
         cow_dst: list[int] = []
+        for row, source in enumerate(same_as):
+            if source is not None:
+                pool.allocator.free(self._blocks[row])
+                self._blocks[row] = []
         for row, (blocks, old_len, new_len) in enumerate(zip(self._blocks, self._lens, new_lens)):
+            if same_as[row] is not None:
+                continue
             if real[row] and old_len % bs and pool.allocator.ref_count(blocks[-1]) > 1:
                 fresh = self._allocate(1, row)
                 cow_src.append(blocks[-1])
@@ -239,6 +286,10 @@ class PagedCache(Cache):
             need = -(-new_len // bs) - len(blocks)
             if need > 0:
                 blocks.extend(self._allocate(need, row))
+        for row, source in enumerate(same_as):
+            if source is not None:
+                pool.allocator.share(self._blocks[source])
+                self._blocks[row] = list(self._blocks[source])
         pool.copy_blocks(cow_src, cow_dst)
 
     def _allocate(self, n: int, row: int) -> list[int]:

@@ -196,7 +196,7 @@ def _paged_generate(model: torch.nn.Module, original_generate: Any, *args: Any, 
 def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     cache = kwargs.get("past_key_values")
     if isinstance(cache, PagedCache):
-        cache.begin_forward(kwargs.get("attention_mask"))
+        cache.begin_forward(kwargs.get("attention_mask"), kwargs.get("input_ids"))
         cache._context_token = attention._ACTIVE_CACHE.set(cache)
 
 

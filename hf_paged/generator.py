@@ -17,6 +17,7 @@ The generator only wires these together; it owns the pool (created once) and the
 from __future__ import annotations
 
 import contextlib
+import itertools
 import numbers
 import time
 from collections.abc import Iterator, Sequence
@@ -49,6 +50,7 @@ class GeneratorOptions:
     backend: str = "auto"
     progress: bool = True
     cuda_graphs: bool = True  # replay captured graphs for decode steps (CUDA + Triton only)
+    prefix_caching: bool = True  # reuse the K/V of full blocks of earlier prompts (and keep them after use)
     profile: bool = False  # time each stage of each step (adds CUDA events; see StepProfile)
 
     def __post_init__(self) -> None:
@@ -58,7 +60,7 @@ class GeneratorOptions:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        for name in ("progress", "cuda_graphs", "profile"):
+        for name in ("progress", "cuda_graphs", "prefix_caching", "profile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self.pool()  # validates the pool fields
@@ -79,7 +81,16 @@ class GeneratorStats:
     kv_blocks_used: int = 0  # blocks in use now
     kv_blocks_peak: int = 0  # most blocks in use after any step's scheduling
     kv_blocks_total: int = 0  # blocks in the pool
+    kv_blocks_cached: int = 0  # blocks holding a cached prefix now (owned or free-but-reusable)
+    prefix_queried_tokens: int = 0  # tokens of admitted requests looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of those, tokens whose K/V came from the cache instead of being computed
+    forked_samples: int = 0  # samples (n > 1) that shared their prompt's blocks instead of computing it
     profile: StepProfile | None = None  # per-stage times when the generator was built with profile=True
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of looked-up tokens found in the prefix cache (0 when caching is off or nothing was looked up)."""
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
 
 
 class ContinuousGenerator:
@@ -97,6 +108,9 @@ class ContinuousGenerator:
         backend: attention backend, "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         progress: show a tqdm bar over finished sequences.
         cuda_graphs: capture decode steps as CUDA graphs, one per batch-size bucket (CUDA + Triton only).
+        prefix_caching: reuse the K/V of every full block of a prompt's longest prefix computed before
+            (by this call or an earlier one; kept while the pool has room, least recently used evicted
+            first). The cache is cleared by itself when the model's weights change in place.
         profile: record where each step's time goes (``stats.profile``); costs a little host time.
     """
 
@@ -114,6 +128,7 @@ class ContinuousGenerator:
         backend: str = "auto",
         progress: bool = True,
         cuda_graphs: bool = True,
+        prefix_caching: bool = True,
         profile: bool = False,
     ) -> None:
         self.options = GeneratorOptions(
@@ -126,6 +141,7 @@ class ContinuousGenerator:
             backend=backend,
             progress=progress,
             cuda_graphs=cuda_graphs,
+            prefix_caching=prefix_caching,
             profile=profile,
         )
         if not uses_attention_interface(model):
@@ -153,12 +169,23 @@ class ContinuousGenerator:
         self.max_model_len = max_model_len(model)
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self._stats = GeneratorStats(kv_blocks_total=self.pool.num_blocks)
+        # Cached K/V are named by the model that computed them; the pool belongs to this generator and
+        # model, so the seed only has to change when the weights do (see _check_weights_unchanged).
+        self._prefix_seed = (type(model).__name__, id(model), str(dtype))
+        self._weights_version = _weights_version(model)
         self._busy = False
         self._next_request_id = 0
 
     @property
     def stats(self) -> GeneratorStats:
-        return replace(self._stats, kv_blocks_used=self.pool.allocator.num_used)
+        allocator = self.pool.allocator
+        return replace(self._stats, kv_blocks_used=allocator.num_used, kv_blocks_cached=allocator.num_cached)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (the next requests compute their prompts in full)."""
+        if self._busy:
+            raise RuntimeError("cannot reset the prefix cache while a generate()/stream() runs")
+        self.pool.allocator.clear_cache()
 
     # ---- public API ------------------------------------------------------------------------------
     def generate(
@@ -202,12 +229,18 @@ class ContinuousGenerator:
             max_num_batched_tokens=opts.max_num_batched_tokens,
             eos_token_ids=self.eos_token_ids,
             max_model_len=self.max_model_len,
+            prefix_cache_seed=self._prefix_seed if opts.prefix_caching else None,
+            sliding_window=self.runner.cache.sliding_window,
         )
+        self._check_weights_unchanged()
         stats = self._stats = GeneratorStats(
             prompt_tokens=sum(r.prompt_len for r in requests), kv_blocks_total=self.pool.num_blocks
         )
-        for request in requests:
-            scheduler.add(request)
+        first = 0
+        while first < len(requests):  # created in (prompt, sample) order; samples 1.. fork from sample 0
+            n = requests[first].params.n
+            scheduler.add(requests[first], requests[first + 1 : first + n])
+            first += n
         self.runner.prepare(max(r.prompt_len + r.params.max_new_tokens for r in requests))
         profile = stats.profile = StepProfile(self.pool.layout.device) if opts.profile else None
         bar = _progress_bar(len(requests), opts.progress)
@@ -233,9 +266,14 @@ class ContinuousGenerator:
                         advanced = scheduler.update(batch, [])
                     if profile:
                         profile.add(batch, t0, t1, t2, t3, time.perf_counter())
+                if scheduler.sliding_window is None:  # learnt from the first forward's attention calls
+                    scheduler.sliding_window = self.runner.cache.sliding_window
                 stats.generated_tokens += len(advanced)
                 stats.preemptions = scheduler.num_preemptions
                 stats.recomputed_tokens = scheduler.num_recomputed_tokens
+                stats.prefix_queried_tokens = scheduler.num_queried_tokens
+                stats.prefix_hit_tokens = scheduler.num_cached_tokens
+                stats.forked_samples = scheduler.num_forked_samples
                 for request in advanced:
                     if request.finished:
                         self.sampler.release(request)
@@ -251,6 +289,13 @@ class ContinuousGenerator:
             self.sampler.reset()
             bar.close()
             self._busy = False
+
+    def _check_weights_unchanged(self) -> None:
+        """Cached K/V were computed by the weights of the time: drop them if the weights changed since."""
+        version = _weights_version(self.model)
+        if version != self._weights_version:
+            self.pool.allocator.clear_cache()
+            self._weights_version = version
 
     # ---- inputs ----------------------------------------------------------------------------------
     def _make_requests(self, prompts: Any, sampling_params: Any, *, streaming: bool) -> list[Request]:
@@ -367,6 +412,11 @@ class ContinuousGenerator:
             text = detok.text[request.num_streamed_chars : end]
             request.num_streamed_chars = max(end, request.num_streamed_chars)
         return StreamEvent(request.index, request.sample, new_ids, text, request.finished, request.finish_reason)
+
+
+def _weights_version(model: torch.nn.Module) -> int:
+    """Changes whenever a parameter or buffer is modified in place (optimizer steps, load_state_dict)."""
+    return sum(t._version for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:

@@ -44,8 +44,13 @@ def build_step_metadata(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device,
+    writes: list[bool] | None = None,
 ) -> StepMetadata:
-    """Vectorised host-side build, then one non-blocking copy per tensor to ``device``."""
+    """Vectorised host-side build, then one non-blocking copy per tensor to ``device``.
+
+    ``writes[b] = False`` gives row b's query slots no pool slot: its K/V are already stored by an
+    identical row whose blocks it shares (the row still attends normally).
+    """
     num_rows = len(query_lens)
     assert len(seq_lens) == num_rows == len(block_tables)
     q = torch.tensor(query_lens, dtype=torch.int64)
@@ -64,7 +69,10 @@ def build_step_metadata(
     position = s[row] - q[row] + slot_in_row
     safe = position.clamp(min=0)
     block = tables[row, safe // block_size]
-    slots = torch.where(position >= 0, block * block_size + safe % block_size, torch.full_like(position, -1))
+    writing = position >= 0
+    if writes is not None:
+        writing &= torch.tensor(writes, dtype=torch.bool)[row]
+    slots = torch.where(writing, block * block_size + safe % block_size, torch.full_like(position, -1))
 
     pin = device.type == "cuda"
 

@@ -82,6 +82,9 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Forward the step; returns ``[R, V]`` logits of the requests that sample, in batch order."""
+        if batch.block_copies:  # copy-on-write, before anything writes the copies
+            src, dst = zip(*batch.block_copies)
+            self.pool.copy_blocks(list(src), list(dst))
         if self.graphs is not None and self._layout_checked and all(
             s.num_scheduled_tokens == 1 and s.samples for s in batch.requests
         ):

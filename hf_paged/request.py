@@ -19,6 +19,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from .block_allocator import BlockKey
 from .sampling_params import SamplingParams
 
 
@@ -107,6 +108,14 @@ class Request:
     arrival_time: float  # time.perf_counter() at submission
     num_computed_tokens: int = 0  # tokens whose K/V are in the pool
     block_ids: list[int] = field(default_factory=list)  # physical blocks, in logical order
+    # Prefix-cache keys of the full blocks of token_ids computed so far (they depend on tokens only,
+    # so they survive preemption), and how many of block_ids are registered in the cache.
+    block_keys: list[BlockKey] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    # Leading blocks given back because they fell out of every layer's sliding window; their
+    # entries in block_ids stay (stale) so logical block i is still block_ids[i].
+    num_released_blocks: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at (the latest) admission
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "length" or "stop"
     logprobs: list[TokenLogprobs] | None = None  # one per generated token when params.logprobs is set

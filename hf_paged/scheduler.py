@@ -12,6 +12,22 @@ running request is preempted: its blocks are freed and it goes to the FRONT of t
 its generated tokens kept, to be recomputed as part of its "prompt" later. Outputs do not change:
 greedy decoding recomputes the same K/V, and seeded noise depends on (seed, position) only.
 
+Shared blocks (reference counts in the allocator make freeing exact):
+
+- Prefix caching: a request admitted with nothing computed first takes every full block of its
+  longest cached prefix (``BlockAllocator.lookup``) and computes only the rest; full blocks are
+  registered as soon as a step has computed them, and stay findable after their request ends until
+  ``allocate`` evicts them.
+- Parallel sampling: the other samples of a prompt wait until its first sample has computed the
+  prompt, then fork from it: they share its blocks and recompute only the last prompt token (which
+  samples their first token with their own seed), so a decode-shaped step is all a fork costs.
+- Copy-on-write: a step never writes a block that another sequence also holds; ``_allocate_slots``
+  gives the writer a private copy first and the batch carries the ``(src, dst)`` copies to run
+  before the forward. Only partly filled blocks are ever shared-and-written (full cached blocks lie
+  wholly before every write position), so only those are copied.
+- Sliding window: when every layer attends through a window, blocks wholly before every future
+  query's window are given back as the sequence moves on, so its memory stays bounded by the window.
+
 Pure Python plus the ``BlockAllocator``: no torch, tested on CPU with fake step outputs.
 """
 
@@ -19,10 +35,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
 
-from .block_allocator import BlockAllocator
+from .block_allocator import BlockAllocator, block_keys
 from .request import Request, RequestStatus, TokenLogprobs
 
 
@@ -46,6 +62,8 @@ class ScheduledBatch:
 
     requests: tuple[ScheduledRequest, ...]  # running requests first, then newly admitted ones
     num_scheduled_tokens: int  # sum of query_len: the packed batch length T
+    # Copy-on-write: whole-block copies (src, dst) to run before the forward, in order.
+    block_copies: tuple[tuple[int, int], ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -67,6 +85,9 @@ class Scheduler:
         max_num_batched_tokens: most tokens computed in one step.
         eos_token_ids: ids that finish a request ("stop") unless its ``ignore_eos`` is set.
         max_model_len: a request stops ("length") when prompt + generated reaches it (None: no limit).
+        prefix_cache_seed: names the model whose K/V the blocks hold; None turns prefix caching off.
+        sliding_window: when every layer attends through a window of at most this many keys, blocks
+            wholly before it are given back as sequences grow (None: keep every block).
     """
 
     def __init__(
@@ -78,6 +99,8 @@ class Scheduler:
         max_num_batched_tokens: int,
         eos_token_ids: Collection[int] = (),
         max_model_len: int | None = None,
+        prefix_cache_seed: Hashable | None = None,
+        sliding_window: int | None = None,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"{max_num_seqs = } and {max_num_batched_tokens = } must both be >= 1")
@@ -89,12 +112,25 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order; the last one is the preemption victim
+        self.prefix_cache_seed = prefix_cache_seed
+        self.sliding_window = sliding_window
         self.num_preemptions = 0
         self.num_recomputed_tokens = 0  # tokens whose K/V a preemption threw away
+        self.num_queried_tokens = 0  # tokens looked up in the prefix cache at admission
+        self.num_cached_tokens = 0  # of those, tokens found (their K/V reused, not computed)
+        self.num_forked_samples = 0
+        self._copies: list[tuple[int, int]] = []
+        self._forks: dict[int, list[Request]] = {}  # request_id -> samples waiting to fork from it
 
-    def add(self, request: Request) -> None:
+    def add(self, request: Request, samples: Sequence[Request] = ()) -> None:
+        """Queue ``request``; ``samples`` (other samples of its prompt) fork from it once its prompt is computed."""
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
+        if samples:
+            assert all(s.token_ids == request.token_ids for s in samples), "samples fork from an equal prompt"
+            for s in samples:
+                s.status = RequestStatus.WAITING
+            self._forks[request.request_id] = list(samples)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -104,6 +140,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted = False
+        self._copies = []
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -126,36 +163,128 @@ class Scheduler:
         # A preemption means the pool is tight: admitting new work now would only thrash.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            looked_up = self._take_cached_prefix(request)
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._allocate_slots(request, num_new):
+                if looked_up:
+                    self._drop_cached_prefix(request)
                 break
+            if looked_up:
+                self.num_queried_tokens += request.num_tokens
+                self.num_cached_tokens += request.num_cached_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
 
+        if not scheduled and not self.running and self._drop_waiting_blocks():
+            return self.schedule()  # forked samples held the blocks the first of them needed
         if not scheduled and self.has_unfinished():
             raise RuntimeError(
                 f"cannot schedule any request: {self.allocator.num_free}/{self.allocator.num_blocks} KV blocks "
                 f"free, {len(self.waiting)} waiting, {len(self.running)} running"
             )
-        return ScheduledBatch(tuple(scheduled), self.max_num_batched_tokens - budget)
+        return ScheduledBatch(tuple(scheduled), self.max_num_batched_tokens - budget, tuple(self._copies))
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         context_len = request.num_computed_tokens
         return ScheduledRequest(request, context_len, num_new, context_len + num_new == request.num_tokens)
 
     def _allocate_slots(self, request: Request, num_new: int) -> bool:
-        """Give ``request`` the blocks for ``num_new`` more tokens; False (nothing taken) if the pool is full."""
-        need = -(-(request.num_computed_tokens + num_new) // self.block_size) - len(request.block_ids)
-        if need <= 0:
-            return True
-        blocks = self.allocator.allocate(need)
+        """Give ``request`` private blocks for ``num_new`` more tokens; False (nothing taken) if the pool is full.
+
+        Blocks it already holds but shares with another sequence are replaced by copies (recorded in
+        ``self._copies``) before they are written.
+        """
+        bs = self.block_size
+        first, end = request.num_computed_tokens // bs, -(-(request.num_computed_tokens + num_new) // bs)
+        held = len(request.block_ids)
+        shared = [i for i in range(first, min(end, held)) if self.allocator.ref_count(request.block_ids[i]) > 1]
+        need = max(0, end - held)
+        blocks = self.allocator.allocate(need + len(shared))
         if blocks is None:
             return False
-        request.block_ids.extend(blocks)
+        for i, dst in zip(shared, blocks[need:]):
+            src = request.block_ids[i]
+            self._copies.append((src, dst))
+            self.allocator.free([src])
+            request.block_ids[i] = dst
+        request.block_ids.extend(blocks[:need])
         return True
+
+    # ---- shared blocks -----------------------------------------------------------------------
+    def _take_cached_prefix(self, request: Request) -> bool:
+        """Point a request with nothing computed at the cached blocks of its longest cached prefix.
+
+        At least its last token is left to compute: its logits sample the next token. Returns whether
+        the cache was looked up (``_drop_cached_prefix`` undoes it when the rest does not fit).
+        """
+        if self.prefix_cache_seed is None or request.num_computed_tokens or request.block_ids:
+            return False
+        request.block_keys = block_keys(request.token_ids, self.block_size, self.prefix_cache_seed, request.block_keys)
+        hits: list[int] = []
+        for key in request.block_keys[: (request.num_tokens - 1) // self.block_size]:
+            block = self.allocator.lookup(key)
+            if block is None:
+                break
+            hits.append(block)
+        self.allocator.take_cached(hits)
+        request.block_ids = hits
+        request.num_registered_blocks = len(hits)
+        request.num_computed_tokens = request.num_cached_tokens = len(hits) * self.block_size
+        return True
+
+    def _drop_cached_prefix(self, request: Request) -> None:
+        self._free(request)
+        request.num_computed_tokens = request.num_cached_tokens = 0
+
+    def _register_full_blocks(self, request: Request) -> None:
+        """Index every block a step has just filled, so later requests can reuse it."""
+        full = request.num_computed_tokens // self.block_size
+        if full <= request.num_registered_blocks:
+            return
+        if len(request.block_keys) < full:
+            request.block_keys = block_keys(
+                request.token_ids[: full * self.block_size], self.block_size, self.prefix_cache_seed, request.block_keys
+            )
+        for i in range(max(request.num_registered_blocks, request.num_released_blocks), full):
+            self.allocator.register(request.block_ids[i], request.block_keys[i])
+        request.num_registered_blocks = full
+
+    def _fork(self, request: Request) -> None:
+        """Start the samples waiting on ``request``: they share the blocks of all but its last prompt token."""
+        samples = self._forks.pop(request.request_id, [])
+        context = request.prompt_len - 1
+        shared = request.block_ids[: -(-context // self.block_size)]
+        released = min(request.num_released_blocks, len(shared))  # sliding window: already given back
+        self.num_forked_samples += len(samples)
+        for s in reversed(samples):
+            self.allocator.share(shared[released:])
+            s.block_ids = list(shared)
+            s.num_released_blocks = released
+            s.block_keys = request.block_keys[: context // self.block_size]
+            s.num_registered_blocks = min(request.num_registered_blocks, context // self.block_size)
+            s.num_computed_tokens = context
+            s.num_cached_tokens = context
+            self.waiting.appendleft(s)  # ahead of new prompts: its context is already paid for
+
+    def _drop_waiting_blocks(self) -> bool:
+        """Make waiting forked samples give their shared blocks back (to recompute later); True if any did."""
+        holders = [r for r in self.waiting if r.block_ids]
+        for request in holders:
+            self._free(request)
+            request.num_computed_tokens = 0
+        return bool(holders)
+
+    def _release_out_of_window(self, request: Request) -> None:
+        """Give back leading blocks no future query can see through the sliding window."""
+        # The next query is at position p >= num_computed_tokens and sees keys j > p - window.
+        first_visible = request.num_computed_tokens - self.sliding_window + 1
+        end = min(max(0, first_visible) // self.block_size, len(request.block_ids))
+        if end > request.num_released_blocks:
+            self.allocator.free(request.block_ids[request.num_released_blocks : end][::-1])
+            request.num_released_blocks = end
 
     def _preempt(self, request: Request) -> None:
         """Drop the request's K/V; it is recomputed (prompt + generated tokens) when admitted again."""
@@ -167,8 +296,10 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _free(self, request: Request) -> None:
-        self.allocator.free(request.block_ids)
+        # Last block first: under LRU eviction a prefix's tail goes before its (more shared) head.
+        self.allocator.free(request.block_ids[request.num_released_blocks :][::-1])
         request.block_ids = []
+        request.num_registered_blocks = request.num_released_blocks = 0
 
     # ---- update ------------------------------------------------------------------------------
     def update(
@@ -188,6 +319,12 @@ class Scheduler:
         for s in batch.requests:
             request = s.request
             request.num_computed_tokens += s.num_scheduled_tokens
+            if self.prefix_cache_seed is not None:
+                self._register_full_blocks(request)
+            if request.request_id in self._forks and request.num_computed_tokens >= request.prompt_len:
+                self._fork(request)
+            if self.sliding_window is not None:
+                self._release_out_of_window(request)
             if not s.samples:
                 continue
             token = sampled_token_ids[row]
@@ -224,6 +361,10 @@ class Scheduler:
 
     def abort_all(self) -> None:
         """Free every block of every request (after an error or an interrupt) and forget them all."""
+        for samples in self._forks.values():
+            for request in samples:
+                request.status = RequestStatus.FINISHED
+        self._forks.clear()
         for request in self.running:
             self._free(request)
             request.status = RequestStatus.FINISHED
