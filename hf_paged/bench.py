@@ -163,16 +163,19 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def run_continuous(model, prompts, new_tokens, device, **options) -> BenchResult:
+def run_continuous(model, prompts, new_tokens, device, sampling=None, **options) -> BenchResult:
+    """ContinuousGenerator on ``prompts`` (greedy, exactly ``new_tokens`` each unless ``sampling`` says otherwise)."""
     from .generator import ContinuousGenerator
     from .sampling_params import SamplingParams
 
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    params = sampling or SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     gen = ContinuousGenerator(model, progress=False, **options)
     # Warm-up outside the timing: Triton compiles its shape specialisations on a representative slice,
     # then every decode graph is captured at the width the timed run needs (vLLM does both at startup).
     gen.generate(prompts[:64], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
-    gen.runner.prepare(max(map(len, prompts)) + new_tokens)
+    gen.reset_prefix_cache()  # the timed run must not find the warm-up's prompts
+    longest_new = max(p.max_new_tokens for p in (params if isinstance(params, list) else [params]))
+    gen.runner.prepare(max(map(len, prompts)) + longest_new)
     if gen.runner.graphs is not None:
         gen.runner.graphs.capture_all()
     _sync(device)
@@ -189,34 +192,91 @@ def run_continuous(model, prompts, new_tokens, device, **options) -> BenchResult
     stats = gen.stats
     return BenchResult(
         "continuous",
-        sum(len(r.token_ids) for r in results),
+        sum(len(s.token_ids) for r in results for s in r.samples),
         sum(map(len, prompts)),
         wall,
         ttft_p50_s=statistics.median(ttft) if ttft else None,
         ttft_p99_s=_pct(ttft, 0.99),
         tpot_p50_s=statistics.median(tpot) if tpot else None,
         tpot_p99_s=_pct(tpot, 0.99),
-        kv_blocks_peak=getattr(stats, "kv_blocks_peak", None),
-        kv_blocks_total=getattr(stats, "kv_blocks_total", None),
+        kv_blocks_peak=stats.kv_blocks_peak,
+        kv_blocks_total=stats.kv_blocks_total,
         preemptions=stats.preemptions,
         extra={**options, "profile": stats.profile.render() if stats.profile else None,
-               "graph_capture_s": gen.runner.graphs.capture_seconds if gen.runner.graphs else 0.0},
+               "graph_capture_s": gen.runner.graphs.capture_seconds if gen.runner.graphs else 0.0,
+               "prefix_hit_rate": stats.prefix_hit_rate, "forked_samples": stats.forked_samples},
     )
 
 
-def render_table(results: list[BenchResult]) -> str:
+# ---- shared-block workloads ---------------------------------------------------------------------
+
+
+def shared_prefix_prompts(num_prompts: int, prefix_len: int, unique_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """One system prompt of ``prefix_len`` random tokens followed by ``unique_len`` tokens per request."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, vocab_size, (prefix_len,), generator=g).tolist()
+    return [prefix + torch.randint(3, vocab_size, (unique_len,), generator=g).tolist() for _ in range(num_prompts)]
+
+
+def run_sharing_suite(model, device, *, num_shared=256, prefix_len=1024, unique_len=64, shared_new=128,
+                      workload: Workload, num_parallel=64, n=8, parallel_new=256, **options) -> list[BenchResult]:
+    """The three measurements of shared blocks, each on vs off in one process.
+
+    (a) ``num_shared`` requests sharing a ``prefix_len``-token system prompt, prefix caching on vs off;
+    (b) ``n`` samples of each of ``num_parallel`` prompts (``SamplingParams(n=n)``, prompt computed once
+        and shared) vs ``n`` independent seeded requests per prompt with no sharing at all;
+    (c) ``workload`` (no prompt shares a full block with another: 0% hits), prefix caching on vs off.
+    """
+    from .sampling_params import SamplingParams
+
+    vocab = model.config.vocab_size
+    out: list[BenchResult] = []
+
+    def add(label, fn):
+        r = _measure(device, fn)
+        r.system = label
+        out.append(r)
+
+    shared = shared_prefix_prompts(num_shared, prefix_len, unique_len, vocab)
+    for on in (False, True):
+        add(f"a:prefix {'on' if on else 'off'}", lambda: run_continuous(model, shared, shared_new, device, prefix_caching=on, **options))
+
+    prompts = Workload(num_parallel, workload.min_len, workload.max_len, parallel_new, seed=1).prompts(vocab)
+    sample = dict(max_new_tokens=parallel_new, temperature=1.0, top_p=0.95, ignore_eos=True)
+    add(f"b:n={n}", lambda: run_continuous(model, prompts, parallel_new, device,
+                                           sampling=SamplingParams(n=n, seed=0, **sample), prefix_caching=False, **options))
+    repeated = [p for p in prompts for _ in range(n)]
+    seeds = [SamplingParams(seed=k, **sample) for _ in prompts for k in range(n)]
+    add(f"b:{n} separate", lambda: run_continuous(model, repeated, parallel_new, device,
+                                                  sampling=seeds, prefix_caching=False, **options))
+
+    zero_hit = workload.prompts(vocab)
+    for on in (False, True, False, True):  # interleaved: drift hits both settings alike
+        add(f"c:prefix {'on' if on else 'off'}", lambda: run_continuous(model, zero_hit, workload.new_tokens, device,
+                                                                        prefix_caching=on, **options))
+    return out
+
+
+def render_table(results: list[BenchResult], extra: tuple[str, ...] = ()) -> str:
+    """One line per result; ``extra`` names ``BenchResult.extra`` entries to add as columns."""
+
     def fmt(x, scale=1.0, digits=1):
         return "-" if x is None else f"{x * scale:.{digits}f}"
 
     head = f"{'system':<18} {'out tok/s':>10} {'total tok/s':>11} {'wall s':>8} {'TTFT p50/p99 ms':>17} {'TPOT p50/p99 ms':>16} {'peak GiB':>9} {'KV blocks':>14} {'preempt':>7}"
+    head += "".join(f" {name:>16}" for name in extra)
     lines = [head, "-" * len(head)]
     for r in results:
         blocks = "-" if r.kv_blocks_peak is None else f"{r.kv_blocks_peak}/{r.kv_blocks_total}"
-        lines.append(
+        line = (
             f"{r.system:<18} {r.out_tok_s:>10.1f} {r.total_tok_s:>11.1f} {r.wall_s:>8.2f} "
             f"{fmt(r.ttft_p50_s, 1e3):>8}/{fmt(r.ttft_p99_s, 1e3):<8} {fmt(r.tpot_p50_s, 1e3, 2):>7}/{fmt(r.tpot_p99_s, 1e3, 2):<8} "
             f"{fmt(r.peak_mem_gib, 1, 1):>9} {blocks:>14} {fmt(r.preemptions, 1, 0):>7}"
         )
+        for name in extra:
+            value = r.extra.get(name)
+            line += f" {value:>16.3g}" if isinstance(value, float) else f" {str(value):>16}"
+        lines.append(line)
     return "\n".join(lines)
 
 

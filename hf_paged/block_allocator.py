@@ -19,11 +19,10 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class BlockKey:
+class BlockKey(NamedTuple):  # a NamedTuple, not a frozen dataclass: built per block, 5x cheaper
     """What a full block holds: the hash of its whole prefix chain, verified against its own tokens.
 
     ``chain`` is ``hash((parent.chain, tokens))`` (the root's parent is a per-model seed), so equal
@@ -36,11 +35,17 @@ class BlockKey:
     tokens: tuple[int, ...]
 
 
-def block_keys(token_ids: Sequence[int], block_size: int, seed: Hashable, start: Sequence[BlockKey] = ()) -> list[BlockKey]:
-    """Keys of every full block of ``token_ids``, extending the already computed keys ``start``."""
-    keys = list(start)
+def block_keys(
+    token_ids: Sequence[int], block_size: int, seed: Hashable, start: list[BlockKey] | None = None, num_blocks: int | None = None
+) -> list[BlockKey]:
+    """Keys of the first ``num_blocks`` (default: every full) blocks of ``token_ids``.
+
+    ``start`` (the keys computed so far) is extended in place and returned.
+    """
+    keys = start if start is not None else []
     parent = keys[-1].chain if keys else hash(("hf_paged", seed))
-    for i in range(len(keys), len(token_ids) // block_size):
+    end = len(token_ids) // block_size if num_blocks is None else num_blocks
+    for i in range(len(keys), end):
         tokens = tuple(token_ids[i * block_size : (i + 1) * block_size])
         key = BlockKey(hash((parent, tokens)), parent, tokens)
         keys.append(key)
@@ -131,22 +136,24 @@ class BlockAllocator:
                         self._free.append(b)
 
     # ---- prefix cache ------------------------------------------------------------------------
-    def register(self, block: int, key: BlockKey) -> int:
-        """Index ``block`` (owned, K/V computed) under ``key``; returns the block now indexed for ``key``.
+    def register(self, blocks: Sequence[int], keys: Sequence[BlockKey]) -> list[int]:
+        """Index each block (owned, K/V computed) under its key; returns the block now indexed per key.
 
         When another block already holds the same prefix (two equal prompts computed in the same
-        step), the first one stays indexed and ``block`` stays a private copy.
+        step), the first one stays indexed and the new one stays a private copy.
         """
+        indexed = []
         with self._lock:
-            assert self._ref_count[block] > 0, f"cannot register free block {block}"
-            existing = self._block_of.get(key.chain)
-            if existing is not None:
-                return existing
-            old = self._key_of.get(block)
-            assert old is None or old == key, f"block {block} is already registered with other contents"
-            self._key_of[block] = key
-            self._block_of[key.chain] = block
-            return block
+            for block, key in zip(blocks, keys):
+                assert self._ref_count[block] > 0, f"cannot register free block {block}"
+                existing = self._block_of.get(key.chain)
+                if existing is None:
+                    old = self._key_of.get(block)
+                    assert old is None or old == key, f"block {block} is already registered with other contents"
+                    self._key_of[block] = key
+                    self._block_of[key.chain] = existing = block
+                indexed.append(existing)
+        return indexed
 
     def lookup(self, key: BlockKey) -> int | None:
         """The block holding ``key``'s prefix, or None."""

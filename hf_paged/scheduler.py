@@ -141,6 +141,7 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted = False
         self._copies = []
+        in_flight: set[int] = set()  # prefix-cache keys of the full blocks this step computes
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -156,6 +157,8 @@ class Scheduler:
                     break
             if request.status is not RequestStatus.RUNNING:
                 break  # the request preempted itself: nothing behind it is left either
+            if num_new > 1:  # a prompt chunk (a decode's block is rarely anyone's prefix)
+                self._mark_in_flight(request, num_new, in_flight)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
             i += 1
@@ -164,11 +167,17 @@ class Scheduler:
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             looked_up = self._take_cached_prefix(request)
+            if looked_up and self._next_block_in_flight(request, in_flight):
+                # An earlier request computes this prompt's next block right now: admitting it now would
+                # compute the block twice, admitting it next step finds it in the cache.
+                self._drop_cached_prefix(request)
+                break
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._allocate_slots(request, num_new):
                 if looked_up:
                     self._drop_cached_prefix(request)
                 break
+            self._mark_in_flight(request, num_new, in_flight)
             if looked_up:
                 self.num_queried_tokens += request.num_tokens
                 self.num_cached_tokens += request.num_cached_tokens
@@ -202,6 +211,8 @@ class Scheduler:
         held = len(request.block_ids)
         shared = [i for i in range(first, min(end, held)) if self.allocator.ref_count(request.block_ids[i]) > 1]
         need = max(0, end - held)
+        if not need and not shared:
+            return True  # most decode steps: the token fits in the request's own last block
         blocks = self.allocator.allocate(need + len(shared))
         if blocks is None:
             return False
@@ -222,7 +233,7 @@ class Scheduler:
         """
         if self.prefix_cache_seed is None or request.num_computed_tokens or request.block_ids:
             return False
-        request.block_keys = block_keys(request.token_ids, self.block_size, self.prefix_cache_seed, request.block_keys)
+        block_keys(request.token_ids, self.block_size, self.prefix_cache_seed, request.block_keys)
         hits: list[int] = []
         for key in request.block_keys[: (request.num_tokens - 1) // self.block_size]:
             block = self.allocator.lookup(key)
@@ -235,6 +246,17 @@ class Scheduler:
         request.num_computed_tokens = request.num_cached_tokens = len(hits) * self.block_size
         return True
 
+    def _mark_in_flight(self, request: Request, num_new: int, in_flight: set[int]) -> None:
+        if self.prefix_cache_seed is None:
+            return
+        first, end = request.num_computed_tokens // self.block_size, (request.num_computed_tokens + num_new) // self.block_size
+        for i in range(first, min(end, len(request.block_keys))):  # empty for most decodes
+            in_flight.add(request.block_keys[i].chain)
+
+    def _next_block_in_flight(self, request: Request, in_flight: set[int]) -> bool:
+        i = request.num_computed_tokens // self.block_size
+        return i < len(request.block_keys) and request.block_keys[i].chain in in_flight
+
     def _drop_cached_prefix(self, request: Request) -> None:
         self._free(request)
         request.num_computed_tokens = request.num_cached_tokens = 0
@@ -245,11 +267,9 @@ class Scheduler:
         if full <= request.num_registered_blocks:
             return
         if len(request.block_keys) < full:
-            request.block_keys = block_keys(
-                request.token_ids[: full * self.block_size], self.block_size, self.prefix_cache_seed, request.block_keys
-            )
-        for i in range(max(request.num_registered_blocks, request.num_released_blocks), full):
-            self.allocator.register(request.block_ids[i], request.block_keys[i])
+            block_keys(request.token_ids, self.block_size, self.prefix_cache_seed, request.block_keys, full)
+        first = max(request.num_registered_blocks, request.num_released_blocks)
+        self.allocator.register(request.block_ids[first:full], request.block_keys[first:full])
         request.num_registered_blocks = full
 
     def _fork(self, request: Request) -> None:
@@ -319,7 +339,7 @@ class Scheduler:
         for s in batch.requests:
             request = s.request
             request.num_computed_tokens += s.num_scheduled_tokens
-            if self.prefix_cache_seed is not None:
+            if self.prefix_cache_seed is not None and request.num_computed_tokens >= (request.num_registered_blocks + 1) * self.block_size:
                 self._register_full_blocks(request)
             if request.request_id in self._forks and request.num_computed_tokens >= request.prompt_len:
                 self._fork(request)

@@ -63,8 +63,7 @@ def test_registered_blocks_outlive_their_owner_and_are_evicted_lru():
     a = BlockAllocator(4)
     keys = block_keys(list(range(12)), 4, seed=0)
     blocks = a.allocate(3)
-    for b, k in zip(blocks, keys):
-        assert a.register(b, k) == b
+    assert a.register(blocks, keys) == blocks
     a.free(blocks[::-1])  # tail first, as requests free
     assert a.num_free == 4 and a.num_used == 0 and a.is_whole()  # cached blocks count as free
     assert [a.lookup(k) for k in keys] == blocks  # ... and are still found
@@ -82,11 +81,11 @@ def test_register_keeps_the_first_block_of_a_prefix():
     a = BlockAllocator(2)
     (key,) = block_keys([5, 6, 7, 8], 4, seed=0)
     x, y = a.allocate(2)
-    assert a.register(x, key) == x
-    assert a.register(y, key) == x  # an equal prefix computed twice: the second copy stays private
+    assert a.register([x], [key]) == [x]
+    assert a.register([y], [key]) == [x]  # an equal prefix computed twice: the second copy stays private
     a.free([y])
     assert a.num_cached == 1 and a.lookup(key) == x
     a.free([x])
     assert a.is_whole()
     with pytest.raises(AssertionError, match="register free block"):
-        a.register(y, key)
+        a.register([y], [key])

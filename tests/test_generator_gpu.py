@@ -29,3 +29,29 @@ def test_greedy_matches_stock_per_prompt(name, cuda_graphs):
     assert gen.pool.allocator.is_whole()
     if cuda_graphs:
         assert gen.runner.graphs is not None and any(b.graph is not None for b in gen.runner.graphs._buckets.values())
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_shared_blocks_on_gpu(name):
+    """Prefix hits, forked samples and their copy-on-write run through the Triton kernels and the graphs."""
+    model = make_model(name, dtype=torch.float32, head_dim=64).cuda()
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(3, 96, (37,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 20, 9, 31)]
+    new = 24
+    stock = [
+        model.generate(input_ids=torch.tensor([p], device="cuda"), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False)[0, len(p):].tolist()
+        for p in prompts
+    ]
+    gen = ContinuousGenerator(model, progress=False, num_blocks=64, max_num_seqs=2)
+    greedy = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
+    assert [r.token_ids for r in gen.generate(prompts, greedy)] == stock
+    assert gen.stats.prefix_hit_tokens > 0
+    sample = dict(max_new_tokens=new, temperature=1.0, top_k=30, ignore_eos=True)
+    (forked,) = gen.generate([prompts[1]], SamplingParams(n=4, seed=5, **sample))
+    assert gen.stats.forked_samples == 3
+    separate = ContinuousGenerator(model, progress=False, num_blocks=64, prefix_caching=False)
+    singles = separate.generate([prompts[1]] * 4, [SamplingParams(seed=5 + k, **sample) for k in range(4)])
+    assert [s.token_ids for s in forked.samples] == [r.token_ids for r in singles]
+    assert gen.pool.allocator.is_whole() and separate.pool.allocator.is_whole()

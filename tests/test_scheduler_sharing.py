@@ -71,13 +71,24 @@ def test_prefix_caching_reuses_full_blocks_and_changes_no_output(num_blocks):
     assert hits[0] == 0 and hits[-1] == BS and all(h == 3 * BS for h in hits[2:-1])
     if num_blocks == 64:
         assert sched.num_cached_tokens == sum(hits) and sched.num_queried_tokens == sum(map(len, prompts))
-    else:  # preempted requests are looked up again when readmitted
-        assert sched.allocator.num_evictions > 0 and sched.num_queried_tokens > sum(map(len, prompts))
+    else:  # (a preempted request is looked up again when readmitted)
+        assert sched.allocator.num_evictions > 0 and sched.num_queried_tokens >= sum(map(len, prompts))
     # The cache outlives the run: the same prompt again finds all its full blocks, its own tail's too.
     again = make()
     assert run(sched, again, model) == plain
     if num_blocks == 64:
         assert again[0][0].num_cached_tokens == (len(prompts[0]) - 1) // BS * BS
+
+
+def test_requests_wait_one_step_for_a_prefix_being_computed():
+    """Equal prompts submitted together: the first computes the prefix, the rest find it next step."""
+    prompts = prompts_sharing_prefix(5, tail=2)
+    sched = make_scheduler(prefix_cache_seed=SEED)
+    groups = [[with_prompt(i, p, max_new_tokens=3)] for i, p in enumerate(prompts)]
+    first_steps = []
+    run(sched, groups, on_step=lambda s, b: first_steps.append([r.request.request_id for r in b.requests]))
+    assert first_steps[0] == [0] and sorted(first_steps[1]) == [0, 1, 2, 3, 4]
+    assert [g[0].num_cached_tokens for g in groups] == [0] + [3 * BS] * 4
 
 
 def test_preempted_request_finds_its_own_blocks_in_the_cache():
