@@ -303,6 +303,7 @@ def main_bench(args) -> int:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "cuda_graphs": not args.no_cuda_graphs,
+        "prefix_caching": not args.no_prefix_caching,
         "profile": args.profile,
     }
     results = run_all(model, workload, args.systems.split(","), device, args.hf_batch_size, cg_options)
