@@ -13,12 +13,12 @@ import pytest
 import torch
 from test_bench_e2e import CUDA, DEVICE, SHAPE, WORKLOAD, model  # noqa: F401  (model: the shared fixture)
 
-from hf_paged.bench import render_table, run_sharing_suite
+from hf_paged.bench import mean_out_tok_s, render_table, run_sharing_suite
 
 SIZES = (
     dict(num_shared=256, prefix_len=1024, unique_len=64, shared_new=128, num_parallel=64, n=8, parallel_new=256)
     if CUDA
-    else dict(num_shared=8, prefix_len=48, unique_len=8, shared_new=4, num_parallel=3, n=4, parallel_new=6)
+    else dict(num_shared=8, prefix_len=48, unique_len=8, shared_new=4, num_parallel=3, n=4, parallel_new=6, repeats=1)
 )
 
 
@@ -26,8 +26,10 @@ def test_shared_blocks(benchmark, model):  # noqa: F811
     results = benchmark.pedantic(
         lambda: run_sharing_suite(model, DEVICE, workload=WORKLOAD, **SIZES), rounds=1, iterations=1, warmup_rounds=0
     )
-    print(render_table(results, extra=("prefix_hit_rate", "forked_samples")))
-    by = {r.system: r for r in results}
+    print(render_table(results, extra=("prefix_hit_rate", "forked_samples", "graph_capture_s")))
+    on, off = mean_out_tok_s(results, "c:prefix on"), mean_out_tok_s(results, "c:prefix off")
+    print(f"0% hits: prefix caching on {on:,.0f} vs off {off:,.0f} out tok/s ({on / off - 1:+.1%})")
+    by = {r.system: r for r in results}  # (the last of repeated labels)
     benchmark.extra_info.update(shape=SHAPE, device=torch.cuda.get_device_name() if CUDA else "cpu", sizes=SIZES)
     for r in results:
         benchmark.extra_info[r.system] = {k: v for k, v in r.as_dict().items() if k not in ("extra",)} | {

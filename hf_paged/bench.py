@@ -219,13 +219,14 @@ def shared_prefix_prompts(num_prompts: int, prefix_len: int, unique_len: int, vo
 
 
 def run_sharing_suite(model, device, *, num_shared=256, prefix_len=1024, unique_len=64, shared_new=128,
-                      workload: Workload, num_parallel=64, n=8, parallel_new=256, **options) -> list[BenchResult]:
+                      workload: Workload, num_parallel=64, n=8, parallel_new=256, repeats=3, **options) -> list[BenchResult]:
     """The three measurements of shared blocks, each on vs off in one process.
 
     (a) ``num_shared`` requests sharing a ``prefix_len``-token system prompt, prefix caching on vs off;
     (b) ``n`` samples of each of ``num_parallel`` prompts (``SamplingParams(n=n)``, prompt computed once
         and shared) vs ``n`` independent seeded requests per prompt with no sharing at all;
-    (c) ``workload`` (no prompt shares a full block with another: 0% hits), prefix caching on vs off.
+    (c) ``workload`` (no prompt shares a full block with another: 0% hits), prefix caching on vs off,
+        ``repeats`` interleaved pairs after one warm-up run.
     """
     from .sampling_params import SamplingParams
 
@@ -251,10 +252,15 @@ def run_sharing_suite(model, device, *, num_shared=256, prefix_len=1024, unique_
                                                   sampling=seeds, prefix_caching=False, **options))
 
     zero_hit = workload.prompts(vocab)
-    for on in (False, True, False, True):  # interleaved: drift hits both settings alike
-        add(f"c:prefix {'on' if on else 'off'}", lambda: run_continuous(model, zero_hit, workload.new_tokens, device,
-                                                                        prefix_caching=on, **options))
+    runs = [("c:warm-up (off)", False)] + [(f"c:prefix {'on' if on else 'off'}", on) for _ in range(repeats) for on in (True, False)]
+    for label, on in runs:  # a first run settles clocks and kernel caches; then interleaved pairs
+        add(label, lambda: run_continuous(model, zero_hit, workload.new_tokens, device, prefix_caching=on, **options))
     return out
+
+
+def mean_out_tok_s(results: list[BenchResult], system: str) -> float:
+    values = [r.out_tok_s for r in results if r.system == system]
+    return sum(values) / len(values)
 
 
 def render_table(results: list[BenchResult], extra: tuple[str, ...] = ()) -> str:
@@ -318,7 +324,7 @@ def main_bench(args) -> int:
     return 0
 
 
-def plot_concurrency(model, workload, device, cg_options, path, levels=(8, 32, 64, 128, 256)) -> None:
+def plot_concurrency(model, workload, device, cg_options, path, levels=(32, 64, 128, 256, 512)) -> None:
     """PNG of ContinuousGenerator output tok/s against max_num_seqs."""
     import matplotlib
 

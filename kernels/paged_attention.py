@@ -158,7 +158,9 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit
+# Per-step integers are not specialised (== 1, divisible by 16): each specialisation is one more
+# compile, and a run that meets a new batch size mid-way would stall on it for a second or more.
+@triton.jit(do_not_specialize=["num_seqs", "q_blocks_per_row", "num_splits", "sliding_window"])
 def _paged_attention_kernel(
     out_ptr,  # [num_tokens, num_q_heads, head_dim] (written when SPLIT is False)
     part_out_ptr,  # [num_tokens, num_q_heads, num_splits, head_dim] fp32 (written when SPLIT)
@@ -300,7 +302,7 @@ def _paged_attention_kernel(
         tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=rd_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _merge_splits_kernel(
     out_ptr,  # [num_tokens, num_q_heads, head_dim]
     part_out_ptr,  # [num_tokens, num_q_heads, num_splits, head_dim] fp32
