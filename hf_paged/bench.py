@@ -334,7 +334,8 @@ def plot_concurrency(model, workload, device, cg_options, path, levels=(32, 64, 
     prompts = workload.prompts(model.config.vocab_size)
     xs, ys = [], []
     for level in levels:
-        r = run_continuous(model, prompts, workload.new_tokens, device, **{**cg_options, "max_num_seqs": level})
+        # _measure: the previous level's pool must be freed first, or this one is sized from what is left.
+        r = _measure(device, lambda: run_continuous(model, prompts, workload.new_tokens, device, **{**cg_options, "max_num_seqs": level}))
         xs.append(level)
         ys.append(r.out_tok_s)
         print(f"max_num_seqs {level:>4}: {r.out_tok_s:,.0f} out tok/s")

@@ -255,6 +255,7 @@ class ContinuousGenerator:
                     if profile:
                         profile.gpu_start()
                     logits = self.runner.execute(batch)
+                    scheduler.register_computed(batch)  # host work while the GPU runs the step
                     t2 = time.perf_counter()
                     sampling = [s.request for s in batch.sampling]
                     if sampling:

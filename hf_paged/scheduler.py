@@ -120,6 +120,7 @@ class Scheduler:
         self.num_cached_tokens = 0  # of those, tokens found (their K/V reused, not computed)
         self.num_forked_samples = 0
         self._copies: list[tuple[int, int]] = []
+        self._registered_batch: ScheduledBatch | None = None
         self._forks: dict[int, list[Request]] = {}  # request_id -> samples waiting to fork from it
 
     def add(self, request: Request, samples: Sequence[Request] = ()) -> None:
@@ -228,15 +229,17 @@ class Scheduler:
     def _take_cached_prefix(self, request: Request) -> bool:
         """Point a request with nothing computed at the cached blocks of its longest cached prefix.
 
-        At least its last token is left to compute: its logits sample the next token. Returns whether
-        the cache was looked up (``_drop_cached_prefix`` undoes it when the rest does not fit).
+        At least its last token is left to compute: its logits sample the next token. Keys are
+        computed only up to the first miss (the rest when the blocks are registered, while the GPU
+        runs). Returns whether the cache was looked up (``_drop_cached_prefix`` undoes it).
         """
         if self.prefix_cache_seed is None or request.num_computed_tokens or request.block_ids:
             return False
-        block_keys(request.token_ids, self.block_size, self.prefix_cache_seed, request.block_keys)
-        hits: list[int] = []
-        for key in request.block_keys[: (request.num_tokens - 1) // self.block_size]:
-            block = self.allocator.lookup(key)
+        keys, hits = request.block_keys, []
+        for i in range((request.num_tokens - 1) // self.block_size):
+            if i == len(keys):
+                block_keys(request.token_ids, self.block_size, self.prefix_cache_seed, keys, i + 1)
+            block = self.allocator.lookup(keys[i])
             if block is None:
                 break
             hits.append(block)
@@ -247,11 +250,15 @@ class Scheduler:
         return True
 
     def _mark_in_flight(self, request: Request, num_new: int, in_flight: set[int]) -> None:
+        """Note the first full block this chunk computes: a request that needs a block of this chunk
+        next shares its whole prefix up to there, so it needs that first one (see _next_block_in_flight)."""
         if self.prefix_cache_seed is None:
             return
-        first, end = request.num_computed_tokens // self.block_size, (request.num_computed_tokens + num_new) // self.block_size
-        for i in range(first, min(end, len(request.block_keys))):  # empty for most decodes
-            in_flight.add(request.block_keys[i].chain)
+        first = request.num_computed_tokens // self.block_size
+        if request.num_computed_tokens + num_new >= (first + 1) * self.block_size:
+            if len(request.block_keys) <= first:
+                block_keys(request.token_ids, self.block_size, self.prefix_cache_seed, request.block_keys, first + 1)
+            in_flight.add(request.block_keys[first].chain)
 
     def _next_block_in_flight(self, request: Request, in_flight: set[int]) -> bool:
         i = request.num_computed_tokens // self.block_size
@@ -261,16 +268,27 @@ class Scheduler:
         self._free(request)
         request.num_computed_tokens = request.num_cached_tokens = 0
 
-    def _register_full_blocks(self, request: Request) -> None:
-        """Index every block a step has just filled, so later requests can reuse it."""
-        full = request.num_computed_tokens // self.block_size
-        if full <= request.num_registered_blocks:
+    def register_computed(self, batch: ScheduledBatch) -> None:
+        """Index every full block ``batch`` computes, so later requests can reuse it.
+
+        Needs only the scheduled tokens, not the sampled ones: the generator calls it right after
+        launching the forward, so the hashing overlaps the GPU. A later step that reads these blocks
+        runs after this one on the stream. ``update`` calls it too (a no-op the second time).
+        """
+        if self.prefix_cache_seed is None or batch is self._registered_batch:
             return
-        if len(request.block_keys) < full:
-            block_keys(request.token_ids, self.block_size, self.prefix_cache_seed, request.block_keys, full)
-        first = max(request.num_registered_blocks, request.num_released_blocks)
-        self.allocator.register(request.block_ids[first:full], request.block_keys[first:full])
-        request.num_registered_blocks = full
+        self._registered_batch = batch
+        bs = self.block_size
+        for s in batch.requests:
+            request = s.request
+            full = s.seq_len // bs
+            if full <= request.num_registered_blocks:
+                continue
+            if len(request.block_keys) < full:
+                block_keys(request.token_ids, bs, self.prefix_cache_seed, request.block_keys, full)
+            first = max(request.num_registered_blocks, request.num_released_blocks)
+            self.allocator.register(request.block_ids[first:full], request.block_keys[first:full])
+            request.num_registered_blocks = full
 
     def _fork(self, request: Request) -> None:
         """Start the samples waiting on ``request``: they share the blocks of all but its last prompt token."""
@@ -336,11 +354,10 @@ class Scheduler:
         now = time.perf_counter()
         advanced: list[Request] = []
         row = 0
+        self.register_computed(batch)
         for s in batch.requests:
             request = s.request
             request.num_computed_tokens += s.num_scheduled_tokens
-            if self.prefix_cache_seed is not None and request.num_computed_tokens >= (request.num_registered_blocks + 1) * self.block_size:
-                self._register_full_blocks(request)
             if request.request_id in self._forks and request.num_computed_tokens >= request.prompt_len:
                 self._fork(request)
             if self.sliding_window is not None:
