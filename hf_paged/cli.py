@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-len", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=32)
     bench.add_argument("--hf-batch-size", type=int, default=16)
-    bench.add_argument("--max-num-seqs", type=int, default=256)
+    bench.add_argument("--max-num-seqs", type=int, default=512)
     bench.add_argument("--max-num-batched-tokens", type=int, default=8192)
     bench.add_argument("--systems", default="continuous,hf_static,hf_generate_batch,enable_generate")
     bench.add_argument("--profile", action="store_true", help="print where each ContinuousGenerator step's time goes")

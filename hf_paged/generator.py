@@ -43,7 +43,7 @@ class GeneratorOptions:
 
     block_size: int = 16
     num_blocks: int | None = None
-    max_num_seqs: int = 256
+    max_num_seqs: int = 512
     max_num_batched_tokens: int = 8192
     memory_fraction: float = 0.9
     cpu_memory_bytes: int = 1 << 30
@@ -121,7 +121,7 @@ class ContinuousGenerator:
         *,
         block_size: int = 16,
         num_blocks: int | None = None,
-        max_num_seqs: int = 256,
+        max_num_seqs: int = 512,
         max_num_batched_tokens: int = 8192,
         memory_fraction: float = 0.9,
         cpu_memory_bytes: int = 1 << 30,

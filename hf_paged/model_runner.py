@@ -52,7 +52,7 @@ class ModelRunner:
     """
 
     def __init__(
-        self, model: torch.nn.Module, pool: KVPool, backend: str, *, cuda_graphs: bool = False, max_num_seqs: int = 256
+        self, model: torch.nn.Module, pool: KVPool, backend: str, *, cuda_graphs: bool = False, max_num_seqs: int = 512
     ) -> None:
         self.model = model
         self.pool = pool
