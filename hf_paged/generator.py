@@ -103,7 +103,8 @@ class ContinuousGenerator:
         block_size: tokens per KV block (a multiple of 16).
         num_blocks: KV pool size in blocks; None sizes it from ``memory_fraction`` (CUDA: of the free
             memory now) or ``cpu_memory_bytes`` (other devices).
-        max_num_seqs: most requests running at once.
+        max_num_seqs: most requests running at once (512: bigger decode batches amortise the weights;
+            +12% over 256 on the H200's 1B workload, see benchmarks/RESULTS.md; the pool still bounds it).
         max_num_batched_tokens: most tokens in one forward step (prompts are chunked to fit).
         backend: attention backend, "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         progress: show a tqdm bar over finished sequences.
