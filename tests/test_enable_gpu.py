@@ -41,3 +41,23 @@ def test_bf16_llama_close_to_stock():
     finally:
         hf_paged.disable(model)
     torch.testing.assert_close(out.logits[0].float(), stock[:, -1].float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("mode", ["beams", "return_sequences"])
+def test_shared_prompt_rows_match_stock_fp32(mode):
+    """Rows generate expands from one prompt share its blocks (written once) through the Triton path."""
+    model = make_model("llama", dtype=torch.float32, head_dim=64).cuda()
+    batch = {k: v.cuda() for k, v in left_padded_batch([40, 35], seed=4).items()}
+    kw = dict(max_new_tokens=16, num_beams=4, do_sample=False) if mode == "beams" else \
+        dict(max_new_tokens=16, do_sample=True, top_k=20, num_return_sequences=4)
+    torch.manual_seed(3)
+    stock = model.generate(**batch, **kw)
+    hf_paged.enable(model, block_size=16)
+    try:
+        torch.manual_seed(3)
+        paged = model.generate(**batch, **kw)
+        allocator = model._hf_paged_state.pool.allocator
+        assert allocator.peak_used < 8 * 4 and allocator.is_whole()  # 8 rows x 4 blocks if nothing were shared
+    finally:
+        hf_paged.disable(model)
+    assert torch.equal(stock, paged)
