@@ -310,6 +310,7 @@ def main_bench(args) -> int:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "cuda_graphs": not args.no_cuda_graphs,
         "prefix_caching": not args.no_prefix_caching,
+        "fuse_elementwise": args.fuse_elementwise,
         "profile": args.profile,
     }
     results = run_all(model, workload, args.systems.split(","), device, args.hf_batch_size, cg_options)

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile", action="store_true", help="print where each ContinuousGenerator step's time goes")
     bench.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     bench.add_argument("--no-prefix-caching", action="store_true", help="turn ContinuousGenerator's prefix cache off")
+    bench.add_argument("--fuse-elementwise", action="store_true", help="torch.compile the model's norms and MLPs (CUDA)")
     bench.add_argument("--plot", help="write a PNG of throughput vs concurrency to this path")
     return parser
 

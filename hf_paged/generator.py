@@ -51,6 +51,7 @@ class GeneratorOptions:
     progress: bool = True
     cuda_graphs: bool = True  # replay captured graphs for decode steps (CUDA + Triton only)
     prefix_caching: bool = True  # reuse the K/V of full blocks of earlier prompts (and keep them after use)
+    fuse_elementwise: bool = False  # torch.compile the model's RMSNorm / MLP modules for paged steps (CUDA only)
     profile: bool = False  # time each stage of each step (adds CUDA events; see StepProfile)
 
     def __post_init__(self) -> None:
@@ -60,7 +61,7 @@ class GeneratorOptions:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        for name in ("progress", "cuda_graphs", "prefix_caching", "profile"):
+        for name in ("progress", "cuda_graphs", "prefix_caching", "fuse_elementwise", "profile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self.pool()  # validates the pool fields
@@ -112,6 +113,8 @@ class ContinuousGenerator:
         prefix_caching: reuse the K/V of every full block of a prompt's longest prefix computed before
             (by this call or an earlier one; kept while the pool has room, least recently used evicted
             first). The cache is cleared by itself when the model's weights change in place.
+        fuse_elementwise: run the model's RMSNorm and MLP modules through ``torch.compile`` during
+            paged steps, fusing HF's elementwise kernels (CUDA only; compiles once per module class).
         profile: record where each step's time goes (``stats.profile``); costs a little host time.
     """
 
@@ -130,6 +133,7 @@ class ContinuousGenerator:
         progress: bool = True,
         cuda_graphs: bool = True,
         prefix_caching: bool = True,
+        fuse_elementwise: bool = False,
         profile: bool = False,
     ) -> None:
         self.options = GeneratorOptions(
@@ -143,6 +147,7 @@ class ContinuousGenerator:
             progress=progress,
             cuda_graphs=cuda_graphs,
             prefix_caching=prefix_caching,
+            fuse_elementwise=fuse_elementwise,
             profile=profile,
         )
         if not uses_attention_interface(model):
@@ -162,6 +167,7 @@ class ContinuousGenerator:
             self.options.backend,
             cuda_graphs=self.options.cuda_graphs,
             max_num_seqs=self.options.max_num_seqs,
+            fuse_elementwise=self.options.fuse_elementwise,
         )
         out_emb = model.get_output_embeddings()
         vocab = out_emb.weight.shape[0] if out_emb is not None else model.config.get_text_config().vocab_size

@@ -9,11 +9,14 @@ tiny dummy 4D ``attention_mask`` makes transformers return it as-is instead of b
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .attention import active_cache, implementation_switch
 from .cache import PagedCache
 from .cuda_graphs import DecodeGraphs
+from .fusion import ElementwiseFusion
 from .kv_pool import KVLayout, KVPool
 from .metadata import StepMetadata, build_step_metadata
 from .scheduler import ScheduledBatch
@@ -49,10 +52,18 @@ class ModelRunner:
         backend: attention backend ("auto", "torch" or "triton").
         cuda_graphs: replay captured CUDA graphs for decode steps (CUDA only).
         max_num_seqs: largest decode batch a graph is captured for.
+        fuse_elementwise: run the model's RMSNorm / MLP modules compiled (``fusion.py``; CUDA only).
     """
 
     def __init__(
-        self, model: torch.nn.Module, pool: KVPool, backend: str, *, cuda_graphs: bool = False, max_num_seqs: int = 512
+        self,
+        model: torch.nn.Module,
+        pool: KVPool,
+        backend: str,
+        *,
+        cuda_graphs: bool = False,
+        max_num_seqs: int = 512,
+        fuse_elementwise: bool = False,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -65,6 +76,8 @@ class ModelRunner:
         self._use_graphs = cuda_graphs and self.device.type == "cuda" and backend != "torch"
         self.max_num_seqs = max_num_seqs
         self.graphs: DecodeGraphs | None = None
+        use_fusion = fuse_elementwise and self.device.type == "cuda"
+        self.fusion = ElementwiseFusion(model) if use_fusion else contextlib.nullcontext()
 
     def prepare(self, max_seq_len: int) -> None:
         """Size the decode graphs' block tables for sequences of up to ``max_seq_len`` tokens.
@@ -136,7 +149,7 @@ class ModelRunner:
         The eager path and the captured decode graphs both run exactly this.
         """
         self.cache.set_step(step)
-        with torch.inference_mode(), self.switch, active_cache(self.cache):
+        with torch.inference_mode(), self.switch, self.fusion, active_cache(self.cache):
             out = self.model(
                 input_ids=input_ids,
                 position_ids=position_ids,

@@ -55,3 +55,20 @@ def test_shared_blocks_on_gpu(name):
     singles = separate.generate([prompts[1]] * 4, [SamplingParams(seed=5 + k, **sample) for k in range(4)])
     assert [s.token_ids for s in forked.samples] == [r.token_ids for r in singles]
     assert gen.pool.allocator.is_whole() and separate.pool.allocator.is_whole()
+
+
+def test_fused_elementwise_matches_stock():
+    """torch.compile'd norms and MLPs inside paged steps (eager prefill and captured decode graphs)."""
+    model = make_model("llama", dtype=torch.float32, head_dim=64).cuda()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 70, 17, 33)]
+    new = 20
+    stock = [
+        model.generate(input_ids=torch.tensor([p], device="cuda"), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False)[0, len(p):].tolist()
+        for p in prompts
+    ]
+    gen = ContinuousGenerator(model, progress=False, num_blocks=64, fuse_elementwise=True)
+    out = gen.generate(prompts, SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True))
+    assert [r.token_ids for r in out] == stock
+    assert all("forward" not in m.__dict__ for m in gen.runner.fusion.modules)  # restored after each step
