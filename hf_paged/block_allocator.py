@@ -172,9 +172,6 @@ class BlockAllocator:
                 self._ref_count[b] += 1
             self.peak_used = max(self.peak_used, self.num_used)
 
-    def is_registered(self, block: int) -> bool:
-        return block in self._key_of
-
     def clear_cache(self) -> None:
         """Forget every cached prefix (e.g. after the model's weights changed); owned blocks stay owned."""
         with self._lock:
