@@ -115,7 +115,7 @@ def test_mixed_window_model_keeps_every_block():
     model, _ = model_and_refs("gemma2")  # sliding and full layers alternate: nothing can be released
     gen = new_generator(model)
     gen.generate(shared_prefix_prompts(2), GREEDY)
-    assert gen.runner.cache.layer_windows == [6, None] or None in gen.runner.cache.layer_windows
+    assert set(gen.runner.cache.layer_windows) == {6, None}  # one windowed and one full layer seen
     assert gen.runner.cache.sliding_window is None
 
 
