@@ -10,8 +10,8 @@ from collections import defaultdict
 import torch
 
 from hf_paged import ContinuousGenerator, SamplingParams
-from hf_paged.bench import Workload, build_model
-from hf_paged import cuda_graphs, model_runner, sampler as sampler_mod
+from hf_paged.entrypoints.bench import Workload, build_model
+from hf_paged.engine import cuda_graphs, model_runner, sampler as sampler_mod
 
 shape = sys.argv[1] if len(sys.argv) > 1 else "llama-8b"
 num_prompts = int(sys.argv[2]) if len(sys.argv) > 2 else 256

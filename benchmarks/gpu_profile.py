@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hf_paged import ContinuousGenerator, SamplingParams
-from hf_paged.bench import Workload, build_model
+from hf_paged.entrypoints.bench import Workload, build_model
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 decode_only = "--decode-only" in sys.argv

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from hf_paged.bench import Workload, build_model, run_continuous, run_enable_generate, run_hf_generate_batch, run_static_generate
+from hf_paged.entrypoints.bench import Workload, build_model, run_continuous, run_enable_generate, run_hf_generate_batch, run_static_generate
 
 CUDA = torch.cuda.is_available()
 SHAPE = os.environ.get("HF_PAGED_BENCH", "llama-1b" if CUDA else "tiny")

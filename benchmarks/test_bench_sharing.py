@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_bench_e2e import CUDA, DEVICE, SHAPE, WORKLOAD, model  # noqa: F401  (model: the shared fixture)
 
-from hf_paged.bench import mean_out_tok_s, render_table, run_sharing_suite
+from hf_paged.entrypoints.bench import mean_out_tok_s, render_table, run_sharing_suite
 
 SIZES = (
     dict(num_shared=256, prefix_len=1024, unique_len=64, shared_new=128, num_parallel=64, n=8, parallel_new=256)

@@ -32,13 +32,13 @@ def _map_source_kernels() -> None:
 
 _map_source_kernels()
 
-from .attention import ATTENTION_NAME  # noqa: E402
-from .block_allocator import BlockAllocator  # noqa: E402
-from .cache import PagedCache, PoolExhaustedError  # noqa: E402
-from .enable import disable, enable, is_enabled  # noqa: E402
-from .generator import ContinuousGenerator, GeneratorOptions, GeneratorStats  # noqa: E402
-from .request import GenerationResult, SampleResult, StreamEvent, TokenLogprobs  # noqa: E402
-from .sampling_params import SamplingParams  # noqa: E402
+from .integration.attention import ATTENTION_NAME  # noqa: E402
+from .memory.block_allocator import BlockAllocator  # noqa: E402
+from .integration.cache import PagedCache, PoolExhaustedError  # noqa: E402
+from .integration.enable import disable, enable, is_enabled  # noqa: E402
+from .entrypoints.generator import ContinuousGenerator, GeneratorOptions, GeneratorStats  # noqa: E402
+from .engine.request import GenerationResult, SampleResult, StreamEvent, TokenLogprobs  # noqa: E402
+from .engine.sampling_params import SamplingParams  # noqa: E402
 
 __all__ = [
     "ATTENTION_NAME",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hf_paged.block_allocator import BlockAllocator, block_keys
+from hf_paged.memory.block_allocator import BlockAllocator, block_keys
 
 
 def test_allocate_until_full_then_none():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 from hf_paged import ContinuousGenerator, SamplingParams
-from hf_paged.cuda_graphs import DecodeGraphs
+from hf_paged.engine.cuda_graphs import DecodeGraphs
 from models import make_model
 
 

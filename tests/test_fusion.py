@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from models import make_model
 
-from hf_paged.fusion import ElementwiseFusion
+from hf_paged.engine.fusion import ElementwiseFusion
 
 
 def test_modules_swapped_only_inside_and_outputs_unchanged():

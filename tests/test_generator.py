@@ -15,8 +15,8 @@ from models import CONFIGS, FALLBACK, VOCAB, make_model
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from hf_paged.generator import ContinuousGenerator
-from hf_paged.sampling_params import SamplingParams
+from hf_paged.entrypoints.generator import ContinuousGenerator
+from hf_paged.engine.sampling_params import SamplingParams
 
 ARCHS = [name for name in CONFIGS if name not in FALLBACK]
 LENGTHS = [3, 60, 17, 33, 8, 45]
@@ -295,11 +295,11 @@ def test_leaving_a_stream_early_frees_every_block():
 
 
 def test_pool_layout_is_checked_on_the_first_forward():
-    from hf_paged.kv_pool import KVLayout, KVPool
-    from hf_paged.model_runner import ModelRunner, kv_layout_from_config
+    from hf_paged.memory.kv_pool import KVLayout, KVPool
+    from hf_paged.engine.model_runner import ModelRunner, kv_layout_from_config
     from hf_paged.options import PoolOptions
-    from hf_paged.request import Request
-    from hf_paged.scheduler import Scheduler
+    from hf_paged.engine.request import Request
+    from hf_paged.engine.scheduler import Scheduler
 
     model, _ = model_and_refs("qwen3")
     right = kv_layout_from_config(model, torch.float64, "cpu")

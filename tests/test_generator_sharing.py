@@ -12,7 +12,7 @@ from models import VOCAB, left_padded_batch, make_model
 from test_generator import model_and_refs, new_generator
 
 import hf_paged
-from hf_paged.sampling_params import SamplingParams
+from hf_paged.engine.sampling_params import SamplingParams
 
 BS = 16
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)

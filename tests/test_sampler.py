@@ -12,9 +12,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from hf_paged.request import Request
-from hf_paged.sampler import Sampler, filter_logits, gumbel_noise
-from hf_paged.sampling_params import SamplingParams
+from hf_paged.engine.request import Request
+from hf_paged.engine.sampler import Sampler, filter_logits, gumbel_noise
+from hf_paged.engine.sampling_params import SamplingParams
 
 V = 50
 

@@ -12,10 +12,10 @@ import random
 
 import pytest
 
-from hf_paged.block_allocator import BlockAllocator
-from hf_paged.request import IncrementalDetokenizer, Request, RequestStatus
-from hf_paged.sampling_params import SamplingParams
-from hf_paged.scheduler import ScheduledBatch, Scheduler
+from hf_paged.memory.block_allocator import BlockAllocator
+from hf_paged.engine.request import IncrementalDetokenizer, Request, RequestStatus
+from hf_paged.engine.sampling_params import SamplingParams
+from hf_paged.engine.scheduler import ScheduledBatch, Scheduler
 
 BS = 4  # small blocks: many block boundaries in short tests
 EOS = 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from test_scheduler import BS, FakePagedModel, make_request, make_scheduler
 
-from hf_paged.request import Request
+from hf_paged.engine.request import Request
 
 SEED = "fake-model"
 

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .kv_pool import KVLayout, KVPool
-from .metadata import StepMetadata, build_step_metadata
+from ..memory.kv_pool import KVLayout, KVPool
+from ..memory.metadata import StepMetadata, build_step_metadata
 
 
 class PoolExhaustedError(RuntimeError):

@@ -131,7 +131,7 @@ def run_static_generate(model, prompts, new_tokens, batch_size, device, system="
 
 
 def run_enable_generate(model, prompts, new_tokens, batch_size, device) -> BenchResult:
-    from .enable import disable, enable
+    from ..integration.enable import disable, enable
 
     enable(model)
     try:
@@ -166,7 +166,7 @@ def _pct(values: list[float], q: float) -> float | None:
 def run_continuous(model, prompts, new_tokens, device, sampling=None, **options) -> BenchResult:
     """ContinuousGenerator on ``prompts`` (greedy, exactly ``new_tokens`` each unless ``sampling`` says otherwise)."""
     from .generator import ContinuousGenerator
-    from .sampling_params import SamplingParams
+    from ..engine.sampling_params import SamplingParams
 
     params = sampling or SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     gen = ContinuousGenerator(model, progress=False, **options)
@@ -228,7 +228,7 @@ def run_sharing_suite(model, device, *, num_shared=256, prefix_len=1024, unique_
     (c) ``workload`` (no prompt shares a full block with another: 0% hits), prefix caching on vs off,
         ``repeats`` interleaved pairs after one warm-up run.
     """
-    from .sampling_params import SamplingParams
+    from ..engine.sampling_params import SamplingParams
 
     vocab = model.config.vocab_size
     out: list[BenchResult] = []

@@ -13,12 +13,12 @@ import contextlib
 
 import torch
 
-from .attention import active_cache, implementation_switch
-from .cache import PagedCache
+from ..integration.attention import active_cache, implementation_switch
+from ..integration.cache import PagedCache
 from .cuda_graphs import DecodeGraphs
 from .fusion import ElementwiseFusion
-from .kv_pool import KVLayout, KVPool
-from .metadata import StepMetadata, build_step_metadata
+from ..memory.kv_pool import KVLayout, KVPool
+from ..memory.metadata import StepMetadata, build_step_metadata
 from .scheduler import ScheduledBatch
 
 

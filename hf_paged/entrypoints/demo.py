@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .enable import disable, enable
+from ..integration.enable import disable, enable
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .kv_pool import KVPool
-from .metadata import StepMetadata
+from ..memory.kv_pool import KVPool
+from ..memory.metadata import StepMetadata
 
 # (input_ids [1, T], position_ids [1, T], step, logits_to_keep [R]) -> logits [R, V]: ModelRunner.forward
 Forward = Callable[[torch.Tensor, torch.Tensor, StepMetadata, torch.Tensor], torch.Tensor]

@@ -19,7 +19,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from .block_allocator import BlockKey
+from ..memory.block_allocator import BlockKey
 from .sampling_params import SamplingParams
 
 

@@ -26,15 +26,15 @@ from typing import Any
 
 import torch
 
-from .enable import uses_attention_interface
-from .kv_pool import KVPool
-from .model_runner import ModelRunner, kv_layout_from_config, max_model_len
-from .options import BACKENDS, PoolOptions, pool_options_of
-from .request import GenerationResult, IncrementalDetokenizer, Request, SampleResult, StreamEvent
-from .sampler import Sampler
-from .profile import StepProfile
-from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from ..integration.enable import uses_attention_interface
+from ..memory.kv_pool import KVPool
+from ..engine.model_runner import ModelRunner, kv_layout_from_config, max_model_len
+from ..options import BACKENDS, PoolOptions, pool_options_of
+from ..engine.request import GenerationResult, IncrementalDetokenizer, Request, SampleResult, StreamEvent
+from ..engine.sampler import Sampler
+from ..engine.profile import StepProfile
+from ..engine.sampling_params import SamplingParams
+from ..engine.scheduler import Scheduler
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,8 +29,8 @@ import torch
 
 from . import attention
 from .cache import PagedCache
-from .kv_pool import KVLayout, KVPool
-from .options import EnableOptions, from_kwargs
+from ..memory.kv_pool import KVLayout, KVPool
+from ..options import EnableOptions, from_kwargs
 
 logger = logging.getLogger("hf_paged")
 

@@ -39,7 +39,7 @@ from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .block_allocator import BlockAllocator, block_keys
+from ..memory.block_allocator import BlockAllocator, block_keys
 from .request import Request, RequestStatus, TokenLogprobs
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .block_allocator import BlockAllocator
-from .options import PoolOptions
+from ..options import PoolOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +60,7 @@ def resolve_num_blocks(options: PoolOptions, layout: KVLayout) -> int:
 @functools.cache
 def _kv_writer(cuda: bool):
     """The Triton writer on CUDA, the torch reference elsewhere (imported once: triton loads lazily)."""
-    from .kernels import kv_write
+    from ..kernels import kv_write
 
     return kv_write.write_kv if cuda else kv_write.write_kv_reference
 

@@ -139,7 +139,7 @@ TRITON_HEAD_DIMS = (64, 80, 96, 128, 256)
 @functools.cache
 def _attention_impl(triton: bool):
     """The Triton launcher or the torch reference (imported once: triton loads lazily)."""
-    from .kernels import paged_attention
+    from ..kernels import paged_attention
 
     return paged_attention.paged_attention if triton else paged_attention.paged_attention_reference
 
