@@ -220,6 +220,14 @@ def counted():
 OK = [5, 6, 7]
 
 
+def _edited(**fields) -> SamplingParams:
+    """Valid at construction, then edited into a bad value: generate must still catch it."""
+    params = SamplingParams()
+    for name, value in fields.items():
+        setattr(params, name, value)
+    return params
+
+
 @pytest.mark.parametrize(
     "prompts, params, match",
     [
@@ -229,12 +237,12 @@ OK = [5, 6, 7]
         ([OK, OK, "abc"], None, "request 2: .*no tokenizer"),
         ([OK, OK, [4] * 100], SamplingParams(max_new_tokens=40), "request 2: .*needs 9 KV blocks"),
         ([OK] * 3, [SamplingParams()] * 2, "2 sampling_params for 3 prompts"),
-        ([OK] * 3, [SamplingParams()] * 2 + [SamplingParams(max_new_tokens=0)], "request 2: max_new_tokens .* 0"),
-        ([OK] * 3, [SamplingParams()] * 2 + [SamplingParams(temperature=-1.0)], "request 2: temperature .* -1.0"),
-        ([OK] * 3, [SamplingParams()] * 2 + [SamplingParams(top_p=0.0)], "request 2: top_p .* 0.0"),
-        ([OK] * 3, [SamplingParams()] * 2 + [SamplingParams(top_p=1.5)], "request 2: top_p .* 1.5"),
-        ([OK] * 3, [SamplingParams()] * 2 + [SamplingParams(top_k=-1)], "request 2: top_k .* -1"),
-        ([OK] * 3, [SamplingParams()] * 2 + [SamplingParams(n=0)], "request 2: n .* 0"),
+        ([OK] * 3, [SamplingParams()] * 2 + [_edited(max_new_tokens=0)], "request 2: max_new_tokens .* 0"),
+        ([OK] * 3, [SamplingParams()] * 2 + [_edited(temperature=-1.0)], "request 2: temperature .* -1.0"),
+        ([OK] * 3, [SamplingParams()] * 2 + [_edited(top_p=0.0)], "request 2: top_p .* 0.0"),
+        ([OK] * 3, [SamplingParams()] * 2 + [_edited(top_p=1.5)], "request 2: top_p .* 1.5"),
+        ([OK] * 3, [SamplingParams()] * 2 + [_edited(top_k=-1)], "request 2: top_k .* -1"),
+        ([OK] * 3, [SamplingParams()] * 2 + [_edited(n=0)], "request 2: n .* 0"),
         ([OK] * 3, [SamplingParams()] * 2 + [SamplingParams(stop=("x",))], "request 2: stop strings"),
     ],
 )

@@ -1,7 +1,7 @@
 """Batched on-device sampling from per-row parameter tensors.
 
-Every row of a step has its own temperature, top-k, top-p, min-p, repetition penalty and seed, held
-in ``[R]`` tensors built once per step (``Sampler.prepare``). ``Sampler.sample`` then runs the same
+Every row of a step has its own temperature, top-k, top-p, min-p, penalties and seed, held in ``[R]``
+tensors built once per step (``Sampler.prepare``). ``Sampler.sample`` then runs the same
 few tensor ops for the whole batch, with no per-row Python and one host sync: the final ``.tolist()``.
 Stages that no row uses (e.g. the sort for top-k/top-p) are skipped, decided on the host from the
 parameters, never from device values.
@@ -12,13 +12,24 @@ into Gumbel noise, and the sample is ``argmax(filtered_logits / T + gumbel)`` (G
 noise a request sees depends on nothing but its own seed and its own length, and a preempted and
 recomputed request draws the same tokens again.
 
-Repetition penalty keeps, per request, a presence row over the vocabulary (``[slots, V]`` bool table)
-that is filled once from the prompt and then only gets each sampled token, on the device: no step
-re-reads a request's whole context on the host.
+Penalties keep, per request that uses them, a row over the vocabulary on the device: a ``[slots, V]``
+bool table of the tokens seen (prompt + generated) for the repetition penalty, and a ``[slots, V]``
+int32 table of how often each token was generated for the presence and frequency penalties. A row is
+filled once from the request's tokens and then only gets each sampled token: no step re-reads a
+request's whole context on the host. Penalties depend only on the request's own tokens, so they keep
+seeded sampling independent of the batch as well.
+
+``min_new_tokens`` masks the end-of-sequence ids (unless ``ignore_eos``) and ``stop_token_ids`` of
+rows that have not generated enough tokens yet: a short ``(row, token)`` list built on the host from
+the parameters and token counts, applied as one indexed fill on the device.
+
+Order, per row: end-token mask, repetition penalty, presence/frequency penalties (these three give
+the logits that logprobs report), then temperature, top-k, top-p, min-p and the draw.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,12 +73,17 @@ class SamplingBatch:
     top_p: torch.Tensor  # [R] float32
     min_p: torch.Tensor  # [R] float32
     penalty: torch.Tensor  # [R] float32 repetition penalty
+    presence_penalty: torch.Tensor  # [R] float32
+    frequency_penalty: torch.Tensor  # [R] float32
     seed_lo: torch.Tensor  # [R] int64, low 32 bits of the row's seed
     seed_hi: torch.Tensor  # [R] int64, high 32 bits
     positions: torch.Tensor  # [R] int64 position of the token being sampled (= request.num_tokens)
     greedy: torch.Tensor  # [R] bool
     penalty_rows: torch.Tensor | None  # [P] int64 rows with a repetition penalty (None: no row has one)
-    penalty_slots: torch.Tensor | None  # [P] int64 their presence-table rows (distinct)
+    penalty_slots: torch.Tensor | None  # [P] int64 their rows of the seen-token table (distinct)
+    count_rows: torch.Tensor | None  # [C] int64 rows with a presence or frequency penalty (None: none)
+    count_slots: torch.Tensor | None  # [C] int64 their rows of the generated-count table (distinct)
+    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) masked by min_new_tokens
     all_greedy: bool
     use_top_k: bool
     use_top_p: bool
@@ -82,16 +98,66 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None] | None  # per row, when any row asked for logprobs
 
 
-class Sampler:
-    """Samples one token per row of a step's logits; owns the repetition-penalty presence table."""
+class TokenTable:
+    """Per-request rows of a ``[slots, V]`` device table over the vocabulary, grown on demand.
 
-    def __init__(self, vocab_size: int, device: torch.device) -> None:
+    A request gets a row the first time it needs one (filled from the tokens it has so far) and keeps
+    it until ``release``; freed rows are reused.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.dtype = dtype
+        self.table: torch.Tensor | None = None  # [slots, V]
+        self._row_of: dict[int, int] = {}  # request_id -> row
+        self._free: list[int] = []
+
+    def row(self, request_id: int, tokens: Sequence[int]) -> int:
+        row = self._row_of.get(request_id)
+        if row is not None:
+            return row
+        if not self._free:
+            old = 0 if self.table is None else self.table.shape[0]
+            grown = torch.zeros((max(8, 2 * old), self.vocab_size), dtype=self.dtype, device=self.device)
+            if self.table is not None:
+                grown[:old] = self.table
+            self.table = grown
+            self._free = list(range(grown.shape[0] - 1, old - 1, -1))
+        row = self._free.pop()
+        self._row_of[request_id] = row
+        self.table[row] = 0
+        if tokens:
+            ids = torch.tensor(tokens, dtype=torch.long).to(self.device).clamp(max=self.vocab_size - 1)
+            if self.dtype == torch.bool:
+                self.table[row, ids] = True
+            else:
+                self.table[row].index_put_((ids,), torch.ones_like(ids, dtype=self.dtype), accumulate=True)
+        return row
+
+    def release(self, request_id: int) -> None:
+        row = self._row_of.pop(request_id, None)
+        if row is not None:
+            self._free.append(row)
+
+    def reset(self) -> None:
+        self._row_of.clear()
+        self._free = [] if self.table is None else list(range(self.table.shape[0] - 1, -1, -1))
+
+
+class Sampler:
+    """Samples one token per row of a step's logits; owns the per-request penalty tables.
+
+    ``eos_token_ids``: the model's end-of-sequence ids, which ``min_new_tokens`` holds back.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device, eos_token_ids: Collection[int] = ()) -> None:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
+        self.eos_token_ids = tuple(sorted(int(t) for t in eos_token_ids))
         self.vocab_hash = _mix32(torch.arange(vocab_size, dtype=torch.int64, device=self.device) ^ 0x5BD1E995)
-        self.presence: torch.Tensor | None = None  # [slots, V] bool: tokens in each penalised request
-        self._slot_of: dict[int, int] = {}  # request_id -> presence row
-        self._free_slots: list[int] = []
+        self.seen = TokenTable(vocab_size, self.device, torch.bool)  # prompt + generated: repetition penalty
+        self.counts = TokenTable(vocab_size, self.device, torch.int32)  # generated only: presence/frequency
 
     # ---- host side, once per step ----------------------------------------------------------------
     def prepare(self, requests: list[Request]) -> SamplingBatch:
@@ -100,16 +166,22 @@ class Sampler:
         rows = []
         penalty_rows: list[int] = []
         penalty_slots: list[int] = []
-        for r in requests:
+        count_rows: list[int] = []
+        count_slots: list[int] = []
+        banned_rows: list[int] = []
+        banned_ids: list[int] = []
+        for i, r in enumerate(requests):
             p = r.params
             greedy = p.temperature == 0
             rows.append(
                 (
                     1.0 if greedy else p.temperature,
-                    p.top_k if p.top_k > 0 else vocab,
+                    min(p.top_k, vocab) if p.top_k > 0 else vocab,
                     p.top_p,
                     p.min_p,
                     p.repetition_penalty,
+                    p.presence_penalty,
+                    p.frequency_penalty,
                     r.seed & _M32,
                     (r.seed >> 32) & _M32,
                     r.num_tokens,
@@ -117,10 +189,19 @@ class Sampler:
                 )
             )
             if p.repetition_penalty != 1.0:
-                penalty_rows.append(len(rows) - 1)
-                penalty_slots.append(self._slot(r))
-        # float64 holds every value exactly (ints < 2**53), so one copy carries all columns.
-        host = torch.tensor(rows, dtype=torch.float64).view(len(rows), 9)
+                penalty_rows.append(i)
+                penalty_slots.append(self.seen.row(r.request_id, r.token_ids))
+            if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+                count_rows.append(i)
+                count_slots.append(self.counts.row(r.request_id, r.token_ids[r.prompt_len :]))
+            if r.num_tokens - r.prompt_len < p.min_new_tokens:
+                ends = set(p.stop_token_ids) if p.ignore_eos else set(p.stop_token_ids).union(self.eos_token_ids)
+                ends = sorted(t for t in ends if t < vocab)
+                banned_rows += [i] * len(ends)
+                banned_ids += ends
+        # float64 holds every value exactly (ints < 2**53, seeds split in 32-bit halves), so one copy
+        # carries all columns.
+        host = torch.tensor(rows, dtype=torch.float64).view(len(rows), 11)
         if self.device.type == "cuda":
             host = host.pin_memory()
         cols = host.to(self.device, non_blocking=True).unbind(1)
@@ -134,12 +215,17 @@ class Sampler:
             top_p=cols[2].float(),
             min_p=cols[3].float(),
             penalty=cols[4].float(),
-            seed_lo=cols[5].long(),
-            seed_hi=cols[6].long(),
-            positions=cols[7].long(),
-            greedy=cols[8] > 0,
-            penalty_rows=torch.tensor(penalty_rows).to(self.device) if penalty_rows else None,
-            penalty_slots=torch.tensor(penalty_slots).to(self.device) if penalty_rows else None,
+            presence_penalty=cols[5].float(),
+            frequency_penalty=cols[6].float(),
+            seed_lo=cols[7].long(),
+            seed_hi=cols[8].long(),
+            positions=cols[9].long(),
+            greedy=cols[10] > 0,
+            penalty_rows=self._index(penalty_rows),
+            penalty_slots=self._index(penalty_slots),
+            count_rows=self._index(count_rows),
+            count_slots=self._index(count_slots),
+            banned=(self._index(banned_rows), self._index(banned_ids)) if banned_rows else None,
             all_greedy=all_greedy,
             use_top_k=any(p.top_k > 0 for p in sampling),
             use_top_p=any(p.top_p < 1 for p in sampling),
@@ -148,59 +234,65 @@ class Sampler:
             logprob_rows=logprob_rows,
         )
 
-    def _slot(self, request: Request) -> int:
-        """The request's presence row, created (from all its tokens so far) on first use."""
-        slot = self._slot_of.get(request.request_id)
-        if slot is not None:
-            return slot
-        if not self._free_slots:
-            old = 0 if self.presence is None else self.presence.shape[0]
-            grown = torch.zeros((max(8, 2 * old), self.vocab_size), dtype=torch.bool, device=self.device)
-            if self.presence is not None:
-                grown[:old] = self.presence
-            self.presence = grown
-            self._free_slots = list(range(grown.shape[0] - 1, old - 1, -1))
-        slot = self._free_slots.pop()
-        self._slot_of[request.request_id] = slot
-        ids = torch.tensor(request.token_ids, dtype=torch.long).to(self.device)
-        self.presence[slot] = False
-        self.presence[slot, ids.clamp(max=self.vocab_size - 1)] = True
-        return slot
+    def _index(self, values: list[int]) -> torch.Tensor | None:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True) if values else None
 
     def release(self, request: Request) -> None:
-        """Forget a finished request's presence row."""
-        slot = self._slot_of.pop(request.request_id, None)
-        if slot is not None:
-            self._free_slots.append(slot)
+        """Forget a finished request's penalty rows."""
+        self.seen.release(request.request_id)
+        self.counts.release(request.request_id)
 
     def reset(self) -> None:
-        self._slot_of.clear()
-        self._free_slots = [] if self.presence is None else list(range(self.presence.shape[0] - 1, -1, -1))
+        self.seen.reset()
+        self.counts.reset()
 
     # ---- device side ---------------------------------------------------------------------------
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """One token per row of ``logits`` ``[R, V]``. The only host sync is the final ``.tolist()``."""
         assert logits.shape[0] == batch.temperature.shape[0], f"{logits.shape[0]} logit rows for {batch.temperature.shape[0]} requests"
-        x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [R, V]
-        if batch.penalty_rows is not None:
-            x = self._apply_penalty(x, batch)
+        x = self.processed_logits(logits, batch)  # [R, V]
         logprobs = torch.log_softmax(x, dim=-1) if batch.num_logprobs is not None else None
         token_ids = x.argmax(dim=-1)  # [R] greedy choice
         if not batch.all_greedy:
             token_ids = torch.where(batch.greedy, token_ids, self._draw(x, batch))
         if batch.penalty_rows is not None:
-            self.presence[batch.penalty_slots, token_ids[batch.penalty_rows]] = True
+            self.seen.table[batch.penalty_slots, token_ids[batch.penalty_rows]] = True
+        if batch.count_rows is not None:
+            self.counts.table[batch.count_slots, token_ids[batch.count_rows]] += 1  # slots are distinct
         if logprobs is None:
             return SamplerOutput(token_ids.tolist(), None)
         return SamplerOutput(*self._logprobs_to_host(token_ids, logprobs, batch))
 
-    def _apply_penalty(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def processed_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """``logits`` ``[R, V]`` after the end-token mask and the penalties (float32 or wider).
+
+        These are the logits that logprobs report; temperature and the filters come after.
+        """
+        x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [R, V]
+        if batch.banned is not None:
+            x = x.index_put(batch.banned, torch.tensor(float("-inf"), dtype=x.dtype, device=x.device))
+        if batch.penalty_rows is not None:
+            x = self._apply_repetition_penalty(x, batch)
+        if batch.count_rows is not None:
+            x = self._apply_count_penalties(x, batch)
+        return x
+
+    def _apply_repetition_penalty(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         # HF RepetitionPenaltyLogitsProcessor: seen tokens' logits are divided (>0) or multiplied (<0).
         rows = batch.penalty_rows
         sub = x[rows]  # [P, V]
         pen = batch.penalty[rows][:, None].to(x.dtype)
-        seen = self.presence[batch.penalty_slots, : x.shape[-1]]  # [P, V]
+        seen = self.seen.table[batch.penalty_slots, : x.shape[-1]]  # [P, V]
         return x.index_copy(0, rows, torch.where(seen, torch.where(sub < 0, sub * pen, sub / pen), sub))
+
+    def _apply_count_penalties(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        # OpenAI: logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty, where
+        # count[j] is how often token j was generated so far (the prompt does not count).
+        rows = batch.count_rows
+        counts = self.counts.table[batch.count_slots, : x.shape[-1]].to(x.dtype)  # [C, V]
+        freq = batch.frequency_penalty[rows][:, None].to(x.dtype)
+        pres = batch.presence_penalty[rows][:, None].to(x.dtype)
+        return x.index_copy(0, rows, x[rows] - counts * freq - (counts > 0).to(x.dtype) * pres)
 
     def _draw(self, x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Gumbel-max over the temperature-scaled, top-k/top-p/min-p filtered logits."""
