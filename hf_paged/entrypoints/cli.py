@@ -1,4 +1,4 @@
-"""``hf-paged`` command line: ``demo`` (the main job) and ``bench`` (throughput comparison)."""
+"""``hf-paged`` command line: ``demo`` (the main job), ``bench`` (throughput comparison) and ``serve`` (OpenAI-compatible server)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-prefix-caching", action="store_true", help="turn ContinuousGenerator's prefix cache off")
     bench.add_argument("--fuse-elementwise", action="store_true", help="torch.compile the model's norms and MLPs (CUDA)")
     bench.add_argument("--plot", help="write a PNG of throughput vs concurrency to this path")
+    from ..server.main import add_serve_arguments  # argparse only; the server itself is imported when run
+
+    add_serve_arguments(sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs hf_paged[serve])"))
     return parser
 
 
@@ -48,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main_bench
 
         return main_bench(args)
+    if args.command == "serve":
+        from ..server.main import main_serve
+
+        return main_serve(args)
     raise SystemExit(f"unknown command {args.command!r}")
 
 

@@ -1,0 +1,159 @@
+"""``hf-paged serve``: load a model, start the engine, serve the OpenAI API with uvicorn.
+
+Shutdown (SIGTERM or Ctrl-C): the listening socket closes, ``/health`` and new requests answer 503,
+requests in flight finish (up to ``--shutdown-timeout`` seconds; then they are aborted), the engine
+frees its pool, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+from importlib import resources
+from typing import Any
+
+EMBEDDED_NAME = "hf-paged-default"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` subcommand's options (kept here so the CLI imports nothing heavy)."""
+    parser.add_argument("model_path", nargs="?", help="local model folder (model + tokenizer); default: the embedded "
+                        "random-weight Llama with its built-in tokenizer")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at startup)")
+    parser.add_argument("--api-key", action="append", default=[], help="require 'Authorization: Bearer KEY' on /v1/* "
+                        "(repeat for several keys; /health and /metrics stay open)")
+    parser.add_argument("--served-model-name", help="the name clients send as 'model' (default: the model path, "
+                        f"or {EMBEDDED_NAME!r})")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", help="bfloat16 (CUDA default), float16, float32 (CPU default), float64")
+    parser.add_argument("--max-queued-requests", type=int, help="answer 429 once this many requests wait (default: no bound)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds in-flight requests get to finish after SIGTERM")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    engine = parser.add_argument_group("engine options")
+    engine.add_argument("--max-num-seqs", type=int)
+    engine.add_argument("--max-num-batched-tokens", type=int)
+    engine.add_argument("--block-size", type=int)
+    engine.add_argument("--num-blocks", type=int)
+    engine.add_argument("--memory-fraction", type=float, help="share of free CUDA memory for the KV pool")
+    engine.add_argument("--cpu-memory-bytes", type=int, help="KV pool size on CPU")
+    engine.add_argument("--backend", choices=["auto", "torch", "triton"])
+    engine.add_argument("--no-cuda-graphs", action="store_true")
+    engine.add_argument("--no-prefix-caching", action="store_true")
+    engine.add_argument("--fuse-elementwise", action="store_true")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "memory_fraction",
+             "cpu_memory_bytes", "backend")
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.no_cuda_graphs:
+        options["cuda_graphs"] = False
+    if args.no_prefix_caching:
+        options["prefix_caching"] = False
+    if args.fuse_elementwise:
+        options["fuse_elementwise"] = True
+    return options
+
+
+def load(model_path: str | None, device: str | None, dtype: str | None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, default served name): a local folder, or the embedded default model."""
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise SystemExit(f"--dtype must name a torch dtype (bfloat16, float16, float32, float64), got {dtype!r}")
+    torch_dtype = getattr(torch, dtype)
+    if model_path is None:
+        from ..entrypoints.demo import load_model
+
+        model, _ = load_model(None, device, torch_dtype)
+        # The demo makes every run fixed-length; a server stops at the model's end-of-sequence token.
+        model.generation_config.eos_token_id = model.config.eos_token_id
+        folder = resources.files("hf_paged").joinpath("default_model")
+        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+        return model, tokenizer, EMBEDDED_NAME
+    if not Path(model_path).is_dir():
+        raise SystemExit(f"MODEL_PATH must be a local model folder, got {model_path!r}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    return model, tokenizer, model_path
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise SystemExit(f"cannot listen on {host}:{port}: {err}") from None
+    return sock
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .app import build_app
+    except ImportError as err:
+        raise SystemExit(f"hf-paged serve needs the server extra: pip install 'hf_paged[serve]' ({err})") from None
+    from .. import AsyncEngine
+
+    if args.max_queued_requests is not None and args.max_queued_requests < 1:
+        raise SystemExit(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
+    if args.shutdown_timeout < 0:
+        raise SystemExit(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    options = engine_options(args)
+    sock = _bind(args.host, args.port)  # before the model loads: a taken port fails fast
+    model, tokenizer, default_name = load(args.model_path, args.device, args.dtype)
+    name = args.served_model_name or default_name
+    engine = AsyncEngine(model, tokenizer, max_queued_requests=args.max_queued_requests, **options)
+    try:
+        app = build_app(engine, name, tuple(args.api_key))
+        config = uvicorn.Config(app, log_level=args.log_level, access_log=False,
+                                timeout_graceful_shutdown=args.shutdown_timeout)
+        host, port = sock.getsockname()[:2]
+        server = _make_server(config, app.state.server, f"http://{host}:{port}", name)
+        # uvicorn re-raises the signal that stopped it once it is done; with this handler in place that
+        # is a no-op, so a SIGTERM after a clean drain exits 0 rather than dying of the signal.
+        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        try:
+            server.run(sockets=[sock])
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    finally:
+        engine.shutdown(timeout=max(args.shutdown_timeout, 1.0))
+        sock.close()
+    return 0 if server.started else 1
+
+
+def _make_server(config: Any, state: Any, url: str, name: str) -> Any:
+    """uvicorn's Server, plus: print the address once listening, and mark the app as draining at shutdown."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                print(f"hf-paged serve: {name!r} ready on {url}", flush=True)
+
+        def handle_exit(self, sig, frame) -> None:
+            state.draining = True  # /health and new requests answer 503 from now on
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="hf-paged serve")
+    add_serve_arguments(parser)
+    sys.exit(main_serve(parser.parse_args()))
