@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 BACKENDS = ("auto", "torch", "triton")
+# "auto": K/V stored in the model's dtype; "fp8": float8 e4m3 with a scale per token and KV head.
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 def from_kwargs(cls: type[T], kwargs: dict[str, Any], *, where: str) -> T:
@@ -32,6 +34,8 @@ class PoolOptions:
     memory_fraction: float = 0.9
     # Non-CUDA devices: bytes given to the pool (host "free memory" is not a safe budget).
     cpu_memory_bytes: int = 1 << 30
+    # "auto" (the model's dtype) or "fp8" (e4m3 + per-token scales: ~1.9x the tokens per byte).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size % 16:
@@ -42,6 +46,8 @@ class PoolOptions:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
         if not isinstance(self.cpu_memory_bytes, int) or self.cpu_memory_bytes < 1:
             raise ValueError(f"cpu_memory_bytes must be a positive int, got {self.cpu_memory_bytes!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +60,7 @@ class EnableOptions:
     cpu_memory_bytes: int = 1 << 30
     # "auto": Triton kernels on CUDA, the torch reference elsewhere; "torch" forces the reference.
     backend: str = "auto"
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -65,5 +72,40 @@ class EnableOptions:
 
 
 def pool_options_of(options: Any) -> PoolOptions:
-    """The pool fields of a larger options object (``enable``'s or ``ContinuousGenerator``'s), validated."""
-    return PoolOptions(**{f.name: getattr(options, f.name) for f in dataclasses.fields(PoolOptions)})
+    """The pool fields of a larger options object (``enable``'s or ``ContinuousGenerator``'s), validated;
+    a field the object lacks keeps its default."""
+    fields = dataclasses.fields(PoolOptions)
+    return PoolOptions(**{f.name: getattr(options, f.name) for f in fields if hasattr(options, f.name)})
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """Options of the engine core, shared by ``ContinuousGenerator`` and ``AsyncEngine``; see their docstrings."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_num_seqs: int = 512
+    max_num_batched_tokens: int = 8192
+    memory_fraction: float = 0.9
+    cpu_memory_bytes: int = 1 << 30
+    backend: str = "auto"
+    progress: bool = True
+    cuda_graphs: bool = True  # replay captured graphs for decode steps (CUDA + Triton only)
+    prefix_caching: bool = True  # reuse the K/V of full blocks of earlier prompts (and keep them after use)
+    fuse_elementwise: bool = False  # torch.compile the model's RMSNorm / MLP modules for paged steps (CUDA only)
+    profile: bool = False  # time each stage of each step (adds CUDA events; see StepProfile)
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name in ("progress", "cuda_graphs", "prefix_caching", "fuse_elementwise", "profile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        self.pool()  # validates the pool fields
+
+    def pool(self) -> PoolOptions:
+        return pool_options_of(self)

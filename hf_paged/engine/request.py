@@ -117,13 +117,16 @@ class Request:
     num_released_blocks: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at (the latest) admission
     status: RequestStatus = RequestStatus.WAITING
-    finish_reason: str | None = None  # "length" or "stop"
+    finish_reason: str | None = None  # "length", "stop" or "abort"
     logprobs: list[TokenLogprobs] | None = None  # one per generated token when params.logprobs is set
     detokenizer: IncrementalDetokenizer | None = None  # only when text is needed incrementally
     first_token_time: float | None = None
     finish_time: float | None = None
     num_streamed_tokens: int = 0  # generated tokens already handed out by stream()
     num_streamed_chars: int = 0  # characters of text already handed out by stream()
+    group: Any = None  # the engine's RequestGroup (the user request this sample belongs to)
+    last_token_time: float | None = None  # sample 0 only: when its latest token was appended
+    inter_token_latencies: list[float] = field(default_factory=list)  # sample 0 only: gaps between its tokens
 
     @property
     def num_tokens(self) -> int:
@@ -152,7 +155,7 @@ class SampleResult:
 
     token_ids: list[int]  # generated tokens (the stop / eos token included when it ended the sample)
     text: str | None  # decoded generated text (cut before a stop string); None without a tokenizer
-    finish_reason: str  # "length" or "stop"
+    finish_reason: str  # "length", "stop" or "abort"
     logprobs: list[TokenLogprobs] | None  # one per generated token when requested
 
 
@@ -173,11 +176,14 @@ class GenerationResult:
 
 @dataclass(frozen=True, slots=True)
 class StreamEvent:
-    """New output of one sample, yielded by ``ContinuousGenerator.stream`` as soon as it exists."""
+    """New output of one sample, yielded by ``ContinuousGenerator.stream`` and ``AsyncEngine.generate``."""
 
-    index: int  # position of the prompt in the input list
+    index: int  # position of the prompt in the input list (0 for the online engine)
     sample: int  # which of the prompt's n samples
     token_ids: list[int]  # tokens generated since this sample's previous event
     text: str | None  # text added since the previous event (None without a tokenizer); may lag tokens
     finished: bool
-    finish_reason: str | None  # set on the sample's last event
+    finish_reason: str | None  # set on the sample's last event: "stop", "length" or "abort"
+    request_id: str | None = None  # the user request's id
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked for logprobs
+    num_prompt_tokens: int = 0  # the prompt's length in tokens

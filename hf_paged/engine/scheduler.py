@@ -136,6 +136,11 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def num_waiting(self) -> int:
+        """Sequences not running: queued (new or preempted) or waiting to fork from a running sample."""
+        return len(self.waiting) + sum(len(samples) for samples in self._forks.values())
+
     # ---- schedule ----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
@@ -398,6 +403,19 @@ class Scheduler:
         if self.max_model_len is not None and request.num_tokens >= self.max_model_len:
             return "length"
         return None
+
+    def abort(self, requests: Collection[Request]) -> None:
+        """Remove ``requests`` (all samples of one prompt, between steps) wherever they are; free their blocks."""
+        ids = {r.request_id for r in requests}
+        for request in requests:
+            self._forks.pop(request.request_id, None)
+        for parent, samples in list(self._forks.items()):
+            self._forks[parent] = [s for s in samples if s.request_id not in ids]
+        self.running = [r for r in self.running if r.request_id not in ids]
+        self.waiting = deque(r for r in self.waiting if r.request_id not in ids)
+        for request in requests:
+            self._free(request)
+            request.status = RequestStatus.FINISHED
 
     def abort_all(self) -> None:
         """Free every block of every request (after an error or an interrupt) and forget them all."""

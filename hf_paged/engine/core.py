@@ -1,0 +1,486 @@
+"""The engine core: one scheduler, one step function, and the one place that turns a step into events.
+
+Every entry point drives this object; none has a step loop of its own beyond "call ``step()`` while
+something is unfinished":
+
+- ``ContinuousGenerator.generate/stream`` adds a list of requests and steps in the caller's thread;
+- ``AsyncEngine`` adds and aborts requests from a background thread, between steps, for its whole life.
+
+One step::
+
+    batch = scheduler.schedule()                 # which tokens of which requests, within the budgets
+    logits = runner.execute(batch)               # one packed forward over the paged KV pool
+    out = sampler.sample(logits, ...)            # one token per sampling request, on the device
+    advanced = scheduler.update(batch, out...)   # append, stop checks, free finished requests' blocks
+
+The core owns the pool (allocated once), the runner, the sampler and the scheduler for its whole life;
+cumulative counters (``counters``) and live numbers (``stats()``) are cheap enough to be always on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..integration.enable import uses_attention_interface
+from ..memory.kv_pool import KVPool
+from ..options import EngineOptions
+from .model_runner import ModelRunner, kv_layout_from_config, max_model_len
+from .profile import StepProfile
+from .request import IncrementalDetokenizer, Request, RequestStatus, StreamEvent
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+
+
+@dataclass(slots=True, eq=False)
+class RequestGroup:
+    """One user request: a prompt and its ``n`` samples (one ``Request`` each, sample 0 first)."""
+
+    request_id: str  # the caller's id (AsyncEngine) or a generated one
+    index: int  # position of the prompt in the caller's list (0 for the online engine)
+    requests: list[Request]
+    arrival_time: float  # time.perf_counter() when the caller submitted it
+    first_scheduled_time: float | None = None
+    num_finished: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.num_finished == len(self.requests)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMetrics:
+    """Timings of one finished user request (all its samples), as serving metrics export them."""
+
+    request_id: str
+    finish_reason: str  # sample 0's: "stop", "length", "abort" or "error"
+    num_prompt_tokens: int
+    num_generation_tokens: int  # over all samples
+    arrival_time: float  # time.perf_counter() at submission
+    queue_time_s: float | None  # submission -> first scheduled (None: never scheduled)
+    ttft_s: float | None  # submission -> first generated token (None: none was generated)
+    e2e_s: float  # submission -> finish
+    inter_token_latencies_s: list[float]  # gaps between sample 0's consecutive tokens
+
+
+@dataclass(slots=True)
+class EngineCounters:
+    """Cumulative counters over the core's life (never reset; entry points diff them per run)."""
+
+    steps: int = 0
+    prompt_tokens: int = 0  # prompt tokens submitted (each of n samples counts)
+    generated_tokens: int = 0
+    requests_added: int = 0  # user requests
+    finished: dict[str, int] = field(default_factory=dict)  # finish_reason -> user requests
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A snapshot of the engine: live gauges and cumulative counters."""
+
+    running: int  # sequences holding blocks and scheduled every step
+    waiting: int  # sequences queued (new, preempted, or samples waiting to fork)
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_blocks_cached: int  # blocks holding a reusable prefix (owned or free-but-reusable)
+    steps: int
+    prompt_tokens: int
+    generated_tokens: int
+    preemptions: int
+    recomputed_tokens: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    forked_samples: int
+    finished: dict[str, int]  # finish_reason -> user requests finished
+
+    @property
+    def kv_usage(self) -> float:
+        """Share of the pool's blocks in use (0..1); cached-but-free blocks count as free."""
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    advanced: list[Request]  # requests that got a token this step, or were aborted / finished
+    finished: list[RequestGroup]  # user requests whose last sample ended this step
+
+
+def check_model(model: Any) -> None:
+    """Refuse, with a clear error, models the engine cannot run (before any memory is allocated)."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    name = type(model).__name__
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} is an encoder-decoder model; hf_paged runs decoder-only causal LMs")
+    if model.get_output_embeddings() is None or not hasattr(model, "generate"):
+        raise ValueError(
+            f"{name} has no language-model head (it returns hidden states, not logits); "
+            f"load it with AutoModelForCausalLM (e.g. {name.replace('Model', 'ForCausalLM')})"
+        )
+    meta = next((n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"{name} has weights on the meta device (e.g. {meta}); load or materialise them first")
+    if not uses_attention_interface(model):
+        raise NotImplementedError(
+            f"{name} hard-codes its attention, so it cannot run packed continuous batches; "
+            "use hf_paged.enable(model) and model.generate(...) instead (paged KV memory, dense attention)"
+        )
+
+
+def check_tokenizer(tokenizer: Any) -> None:
+    if tokenizer is None:
+        return
+    if not (callable(tokenizer) and callable(getattr(tokenizer, "decode", None))):
+        raise TypeError(
+            f"tokenizer must be a transformers tokenizer (callable, with .decode), got {type(tokenizer).__name__}"
+        )
+
+
+class EngineCore:
+    """Owns the pool, runner, sampler and scheduler of one model; steps them.
+
+    Not thread-safe: one thread at a time calls its methods (the caller's for ``ContinuousGenerator``,
+    the engine thread for ``AsyncEngine``).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, options: EngineOptions) -> None:
+        check_model(model)
+        check_tokenizer(tokenizer)
+        self.options = options
+        self.model = model
+        self.tokenizer = tokenizer
+        param = next(model.parameters())
+        # PreTrainedModel.dtype / .device: the first floating-point parameter's, i.e. the activations'.
+        dtype, device = getattr(model, "dtype", param.dtype), getattr(model, "device", param.device)
+        self.device = torch.device(device)
+        self.pool = KVPool.create(options.pool(), kv_layout_from_config(model, dtype, device))
+        self.runner = ModelRunner(
+            model,
+            self.pool,
+            options.backend,
+            cuda_graphs=options.cuda_graphs,
+            max_num_seqs=options.max_num_seqs,
+            fuse_elementwise=options.fuse_elementwise,
+        )
+        out_emb = model.get_output_embeddings()
+        vocab = out_emb.weight.shape[0] if out_emb is not None else model.config.get_text_config().vocab_size
+        self.sampler = Sampler(vocab, device)
+        self.num_embeddings = model.get_input_embeddings().weight.shape[0]
+        self.max_model_len = max_model_len(model)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+        # Cached K/V are named by the model that computed them; the pool belongs to this core and model,
+        # so the seed only has to change when the weights do (see check_weights_unchanged).
+        self._prefix_seed = (type(model).__name__, id(model), str(dtype))
+        self._weights_version = _weights_version(model)
+        self.scheduler = Scheduler(
+            self.pool.allocator,
+            self.pool.block_size,
+            max_num_seqs=options.max_num_seqs,
+            max_num_batched_tokens=options.max_num_batched_tokens,
+            eos_token_ids=self.eos_token_ids,
+            max_model_len=self.max_model_len,
+            prefix_cache_seed=self._prefix_seed if options.prefix_caching else None,
+            sliding_window=self.runner.cache.sliding_window,
+        )
+        self.counters = EngineCounters()
+        self.kv_blocks_peak = 0  # reset by whoever wants a per-run peak
+        self.profile: StepProfile | None = None
+        self._next_request_id = 0
+        self._groups: dict[int, RequestGroup] = {}  # request_id of every unfinished sample -> its group
+
+    # ---- inputs ----------------------------------------------------------------------------------
+    def check(self, where: str, prompt: Any, params: Any) -> tuple[list[int], SamplingParams]:
+        """Validate one prompt and its parameters; returns the token ids and a snapshot of the params.
+
+        ``where`` names the request in error messages ("request 3", "request 'abc'").
+        """
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"{where}: sampling_params must be a SamplingParams, got {type(params).__name__}")
+        try:
+            params.validate()
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"{where}: stop strings {params.stop!r} need a tokenizer")
+        ids = self._prompt_ids(where, prompt)
+        if not ids:
+            raise ValueError(f"{where}: the prompt is empty")
+        if self.max_model_len is not None and len(ids) > self.max_model_len:
+            raise ValueError(f"{where}: the prompt has {len(ids)} tokens, more than the model's context ({self.max_model_len})")
+        bs = self.pool.block_size
+        need = -(-(len(ids) + params.max_new_tokens) // bs)
+        if need > self.pool.num_blocks:
+            raise ValueError(
+                f"{where}: prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs {need} KV "
+                f"blocks of {bs} tokens, but the pool holds {self.pool.num_blocks}; raise num_blocks or lower max_new_tokens"
+            )
+        return ids, replace(params)  # a snapshot: later edits by the caller do not reach running requests
+
+    def _prompt_ids(self, where: str, prompt: Any) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{where}: prompt is a string but there is no tokenizer; pass token ids")
+            # A prompt that already starts with the BOS text (a rendered chat template, say) must not get a second BOS.
+            bos = getattr(self.tokenizer, "bos_token", None)
+            add_special = not (isinstance(bos, str) and bos and prompt.startswith(bos))
+            return list(self.tokenizer(prompt, add_special_tokens=add_special).input_ids)
+        if isinstance(prompt, dict) or hasattr(prompt, "input_ids") and not isinstance(prompt, (torch.Tensor, list, tuple)):
+            # What tokenizers and apply_chat_template(tokenize=True) return (dict / BatchEncoding): one sequence.
+            ids = prompt["input_ids"] if isinstance(prompt, dict) or "input_ids" in prompt else prompt.input_ids
+            if isinstance(ids, torch.Tensor):
+                if ids.dim() == 2 and ids.shape[0] == 1:
+                    ids = ids[0]
+            elif ids and isinstance(ids[0], (list, tuple)) and len(ids) == 1:
+                ids = ids[0]
+            return self._prompt_ids(where, ids)
+        if isinstance(prompt, (Sequence, torch.Tensor)) or type(prompt).__name__ == "ndarray":
+            if isinstance(prompt, torch.Tensor) or hasattr(prompt, "tolist"):
+                if getattr(prompt, "ndim", 1) != 1:
+                    raise ValueError(f"{where}: token ids must be one sequence (1-D), got shape {tuple(prompt.shape)}")
+                ids = prompt.tolist()
+            else:
+                ids = list(prompt)
+            bad = next((t for t in ids if not _is_token_id(t, self.num_embeddings)), None)
+            if bad is not None:
+                raise ValueError(f"{where}: prompt token id {bad!r} is not an int in [0, {self.num_embeddings})")
+            return [int(t) for t in ids]  # numpy ints -> int
+        raise TypeError(f"{where}: a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def make_group(
+        self, request_id: str, index: int, ids: list[int], params: SamplingParams, *, text: bool, arrival_time: float | None = None
+    ) -> RequestGroup:
+        """The ``n`` requests of one checked prompt. ``text``: keep an incremental detokenizer (stream text)."""
+        now = time.perf_counter() if arrival_time is None else arrival_time
+        base_seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
+        needs_text = self.tokenizer is not None and (text or bool(params.stop))
+        requests = []
+        for k in range(params.n):
+            requests.append(
+                Request(
+                    request_id=self._next_request_id,
+                    index=index,
+                    sample=k,
+                    prompt_len=len(ids),
+                    token_ids=list(ids),
+                    params=params,
+                    seed=base_seed + k,
+                    arrival_time=now,
+                    logprobs=[] if params.logprobs is not None else None,
+                    detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop) if needs_text else None,
+                )
+            )
+            self._next_request_id += 1
+        return RequestGroup(request_id, index, requests, now)
+
+    def add(self, group: RequestGroup) -> None:
+        """Queue a user request; it joins the next step. Samples 1.. fork from sample 0's prompt."""
+        first = group.requests[0]
+        for r in group.requests:
+            r.group = group
+            self._groups[r.request_id] = group
+        self.scheduler.add(first, group.requests[1:])
+        self.counters.requests_added += 1
+        self.counters.prompt_tokens += first.prompt_len * len(group.requests)
+        cap = self.max_model_len or (1 << 30)
+        self.runner.prepare(min(cap, first.prompt_len + first.params.max_new_tokens))
+
+    def check_weights_unchanged(self) -> None:
+        """Cached K/V were computed by the weights of the time: drop them if the weights changed since.
+
+        Call only while nothing is in flight (the blocks of running requests would be stale too).
+        """
+        version = _weights_version(self.model)
+        if version != self._weights_version:
+            self.pool.allocator.clear_cache()
+            self._weights_version = version
+
+    # ---- the step --------------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> StepResult:
+        """Run one forward step; every exception propagates (the caller decides to abort)."""
+        scheduler, profile = self.scheduler, self.profile
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            batch = scheduler.schedule()
+            self.counters.steps += 1
+            self.kv_blocks_peak = max(self.kv_blocks_peak, self.pool.allocator.num_used)
+            t1 = time.perf_counter()
+            for s in batch.requests:
+                group = s.request.group
+                if group.first_scheduled_time is None:
+                    group.first_scheduled_time = t1
+            if profile:
+                profile.gpu_start()
+            logits = self.runner.execute(batch)
+            scheduler.register_computed(batch)  # host work while the GPU runs the step
+            t2 = time.perf_counter()
+            sampling = [s.request for s in batch.sampling]
+            if sampling:
+                out = self.sampler.sample(logits, self.sampler.prepare(sampling))
+                t3 = time.perf_counter()
+                advanced = scheduler.update(batch, out.token_ids, out.logprobs)
+            else:
+                t3 = time.perf_counter()
+                advanced = scheduler.update(batch, [])
+            t4 = time.perf_counter()
+            if profile:
+                profile.add(batch, t0, t1, t2, t3, t4)
+        if scheduler.sliding_window is None:  # learnt from the first forward's attention calls
+            scheduler.sliding_window = self.runner.cache.sliding_window
+        self.counters.generated_tokens += len(advanced)
+        finished: list[RequestGroup] = []
+        for request in advanced:
+            if request.sample == 0:
+                if request.last_token_time is not None:
+                    request.inter_token_latencies.append(t4 - request.last_token_time)
+                request.last_token_time = t4
+            if request.finished:
+                self._finish(request, finished)
+        return StepResult(advanced, finished)
+
+    def _finish(self, request: Request, finished: list[RequestGroup]) -> None:
+        self.sampler.release(request)
+        group = self._groups.pop(request.request_id)
+        group.num_finished += 1
+        if group.finished:
+            reason = group.requests[0].finish_reason
+            self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
+            finished.append(group)
+
+    def abort(self, group: RequestGroup) -> StepResult:
+        """End every unfinished sample of ``group`` now ("abort"), freeing its blocks. Between steps only."""
+        now = time.perf_counter()
+        live = [r for r in group.requests if not r.finished]
+        self.scheduler.abort(live)
+        finished: list[RequestGroup] = []
+        for r in live:
+            r.finish_reason = "abort"
+            r.finish_time = now
+            self._finish(r, finished)
+        return StepResult(live, finished)
+
+    def abort_all(self, reason: str = "abort") -> list[RequestGroup]:
+        """Free every block of every request (after an error or an interrupt); returns the groups ended."""
+        now = time.perf_counter()
+        groups = list({id(g): g for g in self._groups.values()}.values())
+        self.scheduler.abort_all()
+        self.sampler.reset()
+        for group in groups:
+            for r in group.requests:
+                if r.finish_reason is None:
+                    r.finish_reason, r.finish_time = reason, now
+            group.num_finished = len(group.requests)
+            self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
+        self._groups.clear()
+        return groups
+
+    def close(self) -> None:
+        """Abort everything and give the pool's memory back; the core is unusable afterwards."""
+        self.abort_all()
+        self.runner.graphs = None
+        self.pool.kv = torch.empty(0, device=self.pool.kv.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- outputs ---------------------------------------------------------------------------------
+    def event(self, request: Request) -> StreamEvent:
+        """What ``request`` produced since its previous event (the one place steps become events)."""
+        start = request.num_streamed_tokens
+        new_ids = request.token_ids[request.prompt_len + start :]
+        request.num_streamed_tokens += len(new_ids)
+        logprobs = request.logprobs[start:] if request.logprobs is not None else None
+        text = None
+        detok = request.detokenizer
+        if detok is not None:
+            end = detok.stable_text_len(request.finished)
+            text = detok.text[request.num_streamed_chars : end]
+            request.num_streamed_chars = max(end, request.num_streamed_chars)
+        group = request.group
+        return StreamEvent(
+            request.index,
+            request.sample,
+            new_ids,
+            text,
+            request.finished,
+            request.finish_reason,
+            request_id=group.request_id if group is not None else None,
+            logprobs=logprobs,
+            num_prompt_tokens=request.prompt_len,
+        )
+
+    def text(self, request: Request) -> str | None:
+        """The whole generated text of a finished request (None without a tokenizer)."""
+        if request.detokenizer is not None:
+            return request.detokenizer.text
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+        return None
+
+    def metrics(self, group: RequestGroup) -> RequestMetrics:
+        first = group.requests[0]
+        token_times = [r.first_token_time for r in group.requests if r.first_token_time is not None]
+        finish = max((r.finish_time for r in group.requests if r.finish_time is not None), default=time.perf_counter())
+        return RequestMetrics(
+            request_id=group.request_id,
+            finish_reason=first.finish_reason or "abort",
+            num_prompt_tokens=first.prompt_len,
+            num_generation_tokens=sum(r.num_output_tokens for r in group.requests),
+            arrival_time=group.arrival_time,
+            queue_time_s=None if group.first_scheduled_time is None else group.first_scheduled_time - group.arrival_time,
+            ttft_s=min(token_times) - group.arrival_time if token_times else None,
+            e2e_s=finish - group.arrival_time,
+            inter_token_latencies_s=list(first.inter_token_latencies),
+        )
+
+    def stats(self) -> EngineStats:
+        s, c, a = self.scheduler, self.counters, self.pool.allocator
+        return EngineStats(
+            running=len(s.running),
+            waiting=s.num_waiting,
+            kv_blocks_used=a.num_used,
+            kv_blocks_total=self.pool.num_blocks,
+            kv_blocks_cached=a.num_cached,
+            steps=c.steps,
+            prompt_tokens=c.prompt_tokens,
+            generated_tokens=c.generated_tokens,
+            preemptions=s.num_preemptions,
+            recomputed_tokens=s.num_recomputed_tokens,
+            prefix_queried_tokens=s.num_queried_tokens,
+            prefix_hit_tokens=s.num_cached_tokens,
+            forked_samples=s.num_forked_samples,
+            finished=dict(c.finished),
+        )
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
+    """End-of-sequence ids: the generation config's (int or list), else the tokenizer's."""
+    gen_config = getattr(model, "generation_config", None)
+    eos = getattr(gen_config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return frozenset()
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def _weights_version(model: torch.nn.Module) -> int:
+    """Changes whenever a parameter or buffer is modified in place (optimizer steps, load_state_dict)."""
+    return sum(t._version for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _is_token_id(t: Any, vocab: int) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab
