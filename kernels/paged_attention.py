@@ -28,8 +28,14 @@ Length vocabulary (per sequence/row ``b`` of the batch)::
 Query token at position ``p`` attends to keys ``j <= p`` (and ``p - j < sliding_window``). ``p < 0``
 happens for left padding: such tokens attend to nothing and get exactly 0.
 
+FP8 caches (``torch.float8_e4m3fn`` K/V with one float32 scale per token and KV head, written by
+``kv_write.write_kv``) are dequantized tile by tile on the way from memory to the dot products: key
+scales multiply the logits' columns (``q . (k * s) = (q . k) * s``), value scales multiply the
+probabilities' columns before ``P @ V`` (fp16 queries scale the value tile instead: probabilities times
+a small scale could fall into fp16's subnormals). No dequantized copy of the cache is ever made.
+
 ``paged_attention_reference`` (bottom of the file) is the readable PyTorch version and also the
-library's CPU path. Untested here: fp8 caches (not supported), head_dim outside {64, 80, 96, 128, 256}.
+library's CPU path. Untested here: head_dim outside {64, 80, 96, 128, 256}.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * LOG2E)
+FP8_DTYPE = torch.float8_e4m3fn  # the FP8 cache dtype (kv_write.py quantizes into it)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,14 +91,18 @@ def _kv_tile_ptrs(k_base, v_base, block_id, j, stride_kb, stride_ks, stride_vb, 
 @triton.jit
 def _softmax_step(
     acc, m_i, l_i,  # running state: [BLOCK_M, HEAD_PAD], [BLOCK_M], [BLOCK_M] fp32 (base-2 logits)
-    q, kt, v,  # [BLOCK_M, HEAD_PAD], [HEAD_PAD, TILE], [TILE, HEAD_PAD]
+    q, kt, v,  # [BLOCK_M, HEAD_PAD], [HEAD_PAD, TILE], [TILE, HEAD_PAD] (K/V in the query dtype)
+    k_scale, v_scale,  # [TILE] fp32 per-key scales of FP8 caches (else unused)
     j, pos,  # [TILE] key positions, [BLOCK_M] query positions
     scale_log2, softcap_log2, sliding_window,
     MASKED: tl.constexpr,  # False: every (row, key) of the tile is visible, skip the mask
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, V_SCALE_ON_P: tl.constexpr,  # see the module docstring
 ):
     """One online-softmax update with a tile of keys (shared by every loop and launch mode)."""
     s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, TILE] fp32
+    if KV_FP8:
+        s = s * k_scale[None, :]
     if USE_SOFTCAP:
         # softcap * tanh(x / softcap) with x = s * scale, tanh(y) = 2 * sigmoid(2y) - 1, in base 2.
         s = softcap_log2 * (2.0 * tl.sigmoid((2.0 * scale_log2 / softcap_log2) * s) - 1.0)
@@ -111,6 +122,8 @@ def _softmax_step(
     p = tl.exp2(s - m_ref[:, None])  # [BLOCK_M, TILE]
     alpha = tl.exp2(m_i - m_ref)  # [BLOCK_M] rescales what was accumulated so far
     l_i = l_i * alpha + tl.sum(p, 1)
+    if KV_FP8 and V_SCALE_ON_P:
+        p = p * v_scale[None, :]
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -121,14 +134,17 @@ def _attend_tiles(
     q,  # [BLOCK_M, HEAD_PAD] query rows of this program
     pos,  # [BLOCK_M] int32 position of each row's query token
     k_base, v_base,  # cache pointers already offset to this KV head
+    ks_base, vs_base,  # scale pointers already offset to this KV head (FP8 caches)
     block_table_row,  # pointer to block_tables[row, 0]
     tile_begin, tile_end,  # tiles [tile_begin, tile_end) of this call
     kv_start, kv_end,  # key positions of tile 0 and one past the last key any row may see
     stride_kb, stride_ks, stride_vb, stride_vs,
+    stride_ksb, stride_kss, stride_vsb, stride_vss,
     scale_log2, softcap_log2, sliding_window,
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     MASKED: tl.constexpr,  # False: every (row, key) of these tiles is visible, skip all masks
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr, V_SCALE_ON_P: tl.constexpr,
 ):
     """Accumulate tiles ``[tile_begin, tile_end)``; Triton's pipeliner overlaps the loads (``num_stages``).
     Physical offsets are 64-bit: block_id * stride_kb can pass 2^31 elements on big pools."""
@@ -153,8 +169,27 @@ def _attend_tiles(
         else:
             kt = tl.load(kt_ptr)
             v = tl.load(v_ptr)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, kt, v, j, pos, scale_log2, softcap_log2,
-                                      sliding_window, MASKED, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION)
+        if KV_FP8:  # e4m3 -> the query dtype in registers; the scales go where the docstring says
+            in_block = j % BLOCK_SIZE
+            ks_ptr = ks_base + block_id * stride_ksb + in_block * stride_kss  # [TILE]
+            vs_ptr = vs_base + block_id * stride_vsb + in_block * stride_vss
+            if MASKED:
+                k_scale = tl.load(ks_ptr, mask=j_ok, other=0.0)
+                v_scale = tl.load(vs_ptr, mask=j_ok, other=0.0)
+            else:
+                k_scale = tl.load(ks_ptr)
+                v_scale = tl.load(vs_ptr)
+            kt = kt.to(q.dtype)
+            if V_SCALE_ON_P:
+                v = v.to(q.dtype)
+            else:
+                v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
+        else:
+            k_scale = kv_start  # unused
+            v_scale = kv_start
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, kt, v, k_scale, v_scale, j, pos, scale_log2,
+                                      softcap_log2, sliding_window, MASKED, USE_SOFTCAP, USE_WINDOW,
+                                      DOT_PRECISION, KV_FP8, V_SCALE_ON_P)
     return acc, m_i, l_i
 
 
@@ -168,6 +203,8 @@ def _paged_attention_kernel(
     query_ptr,  # [num_tokens, num_q_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    k_scale_ptr,  # [num_blocks, block_size, num_kv_heads] fp32 (read when KV_FP8)
+    v_scale_ptr,  # [num_blocks, block_size, num_kv_heads] fp32 (read when KV_FP8)
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
     seq_lens_ptr,  # [num_seqs] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
@@ -182,6 +219,8 @@ def _paged_attention_kernel(
     stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
+    stride_ksb, stride_kss,  # scale strides (block, slot); heads contiguous
+    stride_vsb, stride_vss,
     stride_bt,
     NUM_Q_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per KV head
@@ -198,6 +237,8 @@ def _paged_attention_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,  # e4m3 caches with per-(token, KV head) scales
+    V_SCALE_ON_P: tl.constexpr,  # FP8: value scales multiply P (False: the value tile; fp16 queries)
 ):
     # Reverse order: the last q-blocks of a row see the most keys, start them first.
     if HEADS_FIRST:
@@ -268,26 +309,30 @@ def _paged_attention_kernel(
 
     k_base = k_cache_ptr + kv_head.to(tl.int64) * stride_kh
     v_base = v_cache_ptr + kv_head.to(tl.int64) * stride_vh
+    ks_base = k_scale_ptr + kv_head
+    vs_base = v_scale_ptr + kv_head
     bt_row = block_tables_ptr + row.to(tl.int64) * stride_bt
     # Only tiles on the window edge and on the causal diagonal pay for the mask.
     if USE_WINDOW:  # tiles cut by the window's lower edge
         acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, pos, k_base, v_base, bt_row, t_begin, tl.minimum(t_end, full_lo),
-            kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap_log2,
-            sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW,
-            DOT_PRECISION,
+            acc, m_i, l_i, q, pos, k_base, v_base, ks_base, vs_base, bt_row, t_begin,
+            tl.minimum(t_end, full_lo), kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
+            stride_ksb, stride_kss, stride_vsb, stride_vss, scale_log2, softcap_log2, sliding_window,
+            HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8,
+            V_SCALE_ON_P,
         )
     acc, m_i, l_i = _attend_tiles(  # tiles every row sees in full
-        acc, m_i, l_i, q, pos, k_base, v_base, bt_row, tl.maximum(t_begin, full_lo),
+        acc, m_i, l_i, q, pos, k_base, v_base, ks_base, vs_base, bt_row, tl.maximum(t_begin, full_lo),
         tl.minimum(t_end, full_hi), kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
-        scale_log2, softcap_log2, sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, False,
-        USE_SOFTCAP, USE_WINDOW, DOT_PRECISION,
+        stride_ksb, stride_kss, stride_vsb, stride_vss, scale_log2, softcap_log2, sliding_window,
+        HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, False, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8,
+        V_SCALE_ON_P,
     )
     acc, m_i, l_i = _attend_tiles(  # tiles cut by the causal diagonal (and the sequence end)
-        acc, m_i, l_i, q, pos, k_base, v_base, bt_row, tl.maximum(t_begin, full_hi), t_end,
-        kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, scale_log2, softcap_log2,
-        sliding_window, HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW,
-        DOT_PRECISION,
+        acc, m_i, l_i, q, pos, k_base, v_base, ks_base, vs_base, bt_row, tl.maximum(t_begin, full_hi),
+        t_end, kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
+        stride_vsb, stride_vss, scale_log2, softcap_log2, sliding_window, HEAD_DIM, HEAD_PAD,
+        BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8, V_SCALE_ON_P,
     )
 
     # l == 0 only when a row saw no key (and no sink): its output is exactly 0.
@@ -431,6 +476,8 @@ def paged_attention(
     sinks: torch.Tensor | None = None,  # [num_q_heads] extra logit per head, no value
     out: torch.Tensor | None = None,  # [num_tokens, num_q_heads, head_dim], query dtype
     num_kv_splits: int | None = None,  # override of the split-KV heuristic (tests, tuning)
+    k_scale: torch.Tensor | None = None,  # [num_blocks, block_size, num_kv_heads] fp32: FP8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query tokens over their rows' paged K/V.
 
@@ -442,7 +489,7 @@ def paged_attention(
     num_blocks, block_size, num_kv_heads, cache_dim = k_cache.shape
     num_seqs = seq_lens.shape[0]
     assert query.dtype in (torch.float16, torch.bfloat16, torch.float32), f"{query.dtype = }"
-    assert k_cache.dtype == v_cache.dtype == query.dtype, f"{query.dtype = } {k_cache.dtype = } {v_cache.dtype = }"
+    kv_fp8 = _check_kv(query, k_cache, v_cache, k_scale, v_scale)
     assert v_cache.shape == k_cache.shape and cache_dim == head_dim, f"{query.shape = } {k_cache.shape = }"
     assert head_dim in (64, 80, 96, 128, 256), f"{head_dim = } not supported"
     assert block_size % 16 == 0, f"{block_size = } must be a multiple of 16"
@@ -475,12 +522,26 @@ def paged_attention(
         num_kv_splits=num_kv_splits,
     )
     _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max(max_query_len, 1),
-            scale, sliding_window, softcap, sinks, out, cfg)
+            scale, sliding_window, softcap, sinks, out, cfg, k_scale if kv_fp8 else None,
+            v_scale if kv_fp8 else None)
     return out
 
 
+def _check_kv(query, k_cache, v_cache, k_scale, v_scale) -> bool:
+    """Caches in the query dtype, or FP8 caches with fp32 scales ``[num_blocks, block_size, num_kv_heads]``."""
+    assert v_cache.dtype == k_cache.dtype, f"{k_cache.dtype = } {v_cache.dtype = }"
+    if k_cache.dtype != FP8_DTYPE:
+        assert k_cache.dtype == query.dtype, f"{query.dtype = } {k_cache.dtype = }"
+        assert k_scale is None and v_scale is None, f"scales given for a {k_cache.dtype} cache"
+        return False
+    for s in (k_scale, v_scale):
+        assert s is not None and s.dtype == torch.float32, "FP8 caches need float32 scales"
+        assert s.shape == k_cache.shape[:3] and s.stride(-1) == 1, f"{s.shape = } {k_cache.shape = }"
+    return True
+
+
 def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale,
-            sliding_window, softcap, sinks, out, cfg: _Config) -> None:
+            sliding_window, softcap, sinks, out, cfg: _Config, k_scale=None, v_scale=None) -> None:
     """Launch with an explicit config (the benchmark's tuning sweep calls this directly)."""
     num_tokens, num_q_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -493,6 +554,7 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
     row_grid = num_seqs * per_row <= searched
     num_q_programs = num_seqs * per_row if row_grid else searched
     split = cfg.num_splits > 1
+    kv_fp8 = k_scale is not None
     if split:
         part_out = torch.empty(num_tokens, num_q_heads, cfg.num_splits, head_dim, device=query.device,
                                dtype=torch.float32)
@@ -509,6 +571,8 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
         query_ptr=query,
         k_cache_ptr=k_cache,
         v_cache_ptr=v_cache,
+        k_scale_ptr=k_scale if kv_fp8 else seq_lens,  # never read without FP8
+        v_scale_ptr=v_scale if kv_fp8 else seq_lens,
         block_tables_ptr=block_tables,
         seq_lens_ptr=seq_lens,
         query_start_loc_ptr=query_start_loc,
@@ -529,6 +593,10 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
         stride_vb=v_cache.stride(0),
         stride_vs=v_cache.stride(1),
         stride_vh=v_cache.stride(2),
+        stride_ksb=k_scale.stride(0) if kv_fp8 else 0,
+        stride_kss=k_scale.stride(1) if kv_fp8 else 0,
+        stride_vsb=v_scale.stride(0) if kv_fp8 else 0,
+        stride_vss=v_scale.stride(1) if kv_fp8 else 0,
         stride_bt=block_tables.stride(0),
         NUM_Q_HEADS=num_q_heads,
         GROUP=group,
@@ -546,6 +614,8 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
         USE_SINKS=sinks is not None,
         # fp32 inputs: exact fp32 products rather than tf32, so fp32 results match the reference.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        KV_FP8=kv_fp8,
+        V_SCALE_ON_P=query.dtype != torch.float16,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -591,11 +661,14 @@ def paged_attention_reference(
     sinks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     num_kv_splits: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as `paged_attention`, one row at a time with explicit masks.
 
     Computes in float64 for float64 queries, float32 otherwise. Reads the metadata on the host, so it
-    is not for CUDA graphs. Memory stays bounded by processing long query rows in chunks.
+    is not for CUDA graphs. Memory stays bounded by processing long query rows in chunks. FP8 caches
+    are dequantized one row's key range at a time.
     """
     del max_query_len, num_kv_splits  # launch hints of the kernel; the loop needs neither
     num_tokens, num_q_heads, head_dim = query.shape
@@ -624,6 +697,9 @@ def paged_attention_reference(
             blocks = block_tables[row, b0:b1].long()  # physical blocks holding keys [b0*bs, b1*bs)
             k = k_cache[blocks].flatten(0, 1)[lo - b0 * block_size : hi - b0 * block_size]  # [n_k, Hkv, D]
             v = v_cache[blocks].flatten(0, 1)[lo - b0 * block_size : hi - b0 * block_size]
+            if k_scale is not None:  # e4m3 * per-(token, head) scale
+                k = k.to(compute) * k_scale[blocks].flatten(0, 1)[lo - b0 * block_size : hi - b0 * block_size, :, None]
+                v = v.to(compute) * v_scale[blocks].flatten(0, 1)[lo - b0 * block_size : hi - b0 * block_size, :, None]
             q = query[q_start + c0 : q_start + c1].to(compute)  # [n, Hq, D]
             q = q.view(c1 - c0, num_kv_heads, group, head_dim)  # [n, Hkv, G, D]
 

@@ -118,6 +118,7 @@ def paged_attention_forward(
     batch, heads, q_len, head_dim = query.shape
     q_tok = query.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
     k_cache, v_cache = cache.pool.layer(module.layer_idx)
+    k_scale, v_scale = cache.pool.layer_scales(module.layer_idx)  # None unless the pool is FP8
     out = run_paged_attention(
         q_tok,
         k_cache,
@@ -128,6 +129,8 @@ def paged_attention_forward(
         softcap=softcap,
         sinks=s_aux,
         backend=cache.backend,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
     return out.view(batch, q_len, heads, head_dim), None
 
@@ -144,8 +147,12 @@ def _attention_impl(triton: bool):
     return paged_attention.paged_attention if triton else paged_attention.paged_attention_reference
 
 
-def run_paged_attention(q_tok, k_cache, v_cache, step, *, scale, sliding_window, softcap, sinks, backend):
-    """Dispatch to the Triton kernel on CUDA (unless ``backend="torch"``) or the torch reference."""
+def run_paged_attention(
+    q_tok, k_cache, v_cache, step, *, scale, sliding_window, softcap, sinks, backend, k_scale=None, v_scale=None
+):
+    """Dispatch to the Triton kernel on CUDA (unless ``backend="torch"``) or the torch reference.
+
+    ``k_scale``/``v_scale``: the per-slot scales of an FP8 pool, dequantized inside the kernels."""
     use_triton = q_tok.shape[-1] in TRITON_HEAD_DIMS and (backend == "triton" or (backend == "auto" and q_tok.is_cuda))
     return _attention_impl(use_triton)(
         q_tok,
@@ -159,6 +166,8 @@ def run_paged_attention(q_tok, k_cache, v_cache, step, *, scale, sliding_window,
         sliding_window=sliding_window,
         softcap=softcap,
         sinks=sinks,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
 
 

@@ -318,13 +318,10 @@ class PagedCache(Cache):
 
     def _gather_dense(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Padding columns read slot 0, which holds finite data; the model's own mask hides them.
-        k_cache, v_cache = self.pool.layer(layer_idx)
         b, t = self._dense_index.shape
-        flat = self._dense_index.view(-1)
-        heads, dim = k_cache.shape[-2:]
-        k = k_cache.reshape(-1, heads, dim).index_select(0, flat).view(b, t, heads, dim).transpose(1, 2)
-        v = v_cache.reshape(-1, heads, dim).index_select(0, flat).view(b, t, heads, dim).transpose(1, 2)
-        return k, v
+        k, v = self.pool.read_dense(layer_idx, self._dense_index.view(-1))  # dequantized when FP8
+        heads, dim = k.shape[-2:]
+        return k.view(b, t, heads, dim).transpose(1, 2), v.view(b, t, heads, dim).transpose(1, 2)
 
     # ---- batch surgery: beam search, assisted decoding, contrastive search ---------------------
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -100,7 +100,8 @@ def enable(model: torch.nn.Module, **options: Any) -> torch.nn.Module:
 
     Options (unknown names raise ``TypeError``): ``block_size`` (16), ``num_blocks`` (None: from
     memory), ``memory_fraction`` (0.5 of free CUDA memory), ``cpu_memory_bytes`` (1 GiB elsewhere),
-    ``backend`` ("auto" | "torch" | "triton").
+    ``backend`` ("auto" | "torch" | "triton"), ``kv_cache_dtype`` ("auto": the model's dtype | "fp8":
+    float8 e4m3 with a float32 scale per token and KV head, about half the bytes per token).
     """
     opts = from_kwargs(EnableOptions, options, where="hf_paged.enable()")
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate"):

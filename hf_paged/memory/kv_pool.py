@@ -6,6 +6,11 @@ One allocation for all layers means one block id names the same slot range in ev
 tables are shared by all layers of a sequence.
 
 ``KVPool.write`` is the only code that writes new K/V into the pool.
+
+``kv_cache_dtype="fp8"`` stores K/V as float8 e4m3 plus ``scales[layer, 0 | 1, block, offset,
+kv_head]`` (float32): one scale per token and KV head, so a token's stored K/V depend on that token
+alone (see ``kernels/kv_write.py``). Blocks then take ``(head_dim + 4) / (2 * head_dim)`` of their
+16-bit size (0.52x at head_dim 128), so the same memory holds about 1.9x the tokens.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from .block_allocator import BlockAllocator
-from ..options import PoolOptions
+from ..options import KV_CACHE_DTYPES, PoolOptions
+
+FP8_DTYPE = torch.float8_e4m3fn
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,9 +36,13 @@ class KVLayout:
     dtype: torch.dtype
     device: torch.device
 
-    def bytes_per_block(self, block_size: int) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * elem
+    def bytes_per_block(self, block_size: int, kv_cache_dtype: str = "auto") -> int:
+        """Bytes of one block in every layer, K and V (FP8: e4m3 values plus a float32 scale per row)."""
+        if kv_cache_dtype == "fp8":
+            row = self.head_dim + 4
+        else:
+            row = self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * block_size * self.num_kv_heads * row
 
 
 def resolve_num_blocks(options: PoolOptions, layout: KVLayout) -> int:
@@ -42,7 +53,7 @@ def resolve_num_blocks(options: PoolOptions, layout: KVLayout) -> int:
     """
     if options.num_blocks is not None:
         return options.num_blocks
-    per_block = layout.bytes_per_block(options.block_size)
+    per_block = layout.bytes_per_block(options.block_size, options.kv_cache_dtype)
     if layout.device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(layout.device)
         budget = int(free * options.memory_fraction)
@@ -68,36 +79,57 @@ def _kv_writer(cuda: bool):
 class KVPool:
     """Per-layer K/V block tensors and the allocator that hands out their block ids."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int) -> None:
+    def __init__(self, layout: KVLayout, num_blocks: int, block_size: int, kv_cache_dtype: str = "auto") -> None:
+        check_kv_cache_dtype(kv_cache_dtype, layout.device)
         self.layout = layout
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.kv_cache_dtype = kv_cache_dtype
+        fp8 = kv_cache_dtype == "fp8"
+        shape = (layout.num_layers, 2, num_blocks, block_size, layout.num_kv_heads, layout.head_dim)
         # Zeros, not empty: the dense fallback gathers padding columns from slot 0 and masks them,
         # and a masked NaN would still poison a matmul (0 * NaN = NaN).
-        self.kv = torch.zeros(
-            (layout.num_layers, 2, num_blocks, block_size, layout.num_kv_heads, layout.head_dim),
-            dtype=layout.dtype,
-            device=layout.device,
-        )
+        self.kv = torch.zeros(shape, dtype=FP8_DTYPE if fp8 else layout.dtype, device=layout.device)
+        self.scales = torch.zeros(shape[:-1], dtype=torch.float32, device=layout.device) if fp8 else None
         self.allocator = BlockAllocator(num_blocks)
 
     @classmethod
     def create(cls, options: PoolOptions, layout: KVLayout) -> "KVPool":
-        return cls(layout, resolve_num_blocks(options, layout), options.block_size)
+        return cls(layout, resolve_num_blocks(options, layout), options.block_size, options.kv_cache_dtype)
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        scales = self.scales.numel() * 4 if self.scales is not None else 0
+        return self.kv.numel() * self.kv.element_size() + scales
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_cache, v_cache)`` of one layer, each ``[num_blocks, block_size, num_kv_heads, head_dim]``."""
         kv = self.kv[layer_idx]
         return kv[0], kv[1]
 
+    def layer_scales(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """FP8 pools: ``(k_scale, v_scale)`` of one layer, each ``[num_blocks, block_size, num_kv_heads]``
+        float32; ``(None, None)`` otherwise."""
+        if self.scales is None:
+            return None, None
+        scales = self.scales[layer_idx]
+        return scales[0], scales[1]
+
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Scatter new tokens' K/V (``[num_tokens, num_kv_heads, head_dim]``) into their slots; slot -1 = skip."""
         k_cache, v_cache = self.layer(layer_idx)
-        _kv_writer(k_cache.is_cuda)(key, value, k_cache, v_cache, slot_mapping)
+        _kv_writer(k_cache.is_cuda)(key, value, k_cache, v_cache, slot_mapping, *self.layer_scales(layer_idx))
+
+    def read_dense(self, layer_idx: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the given slots (``[n]`` int64) as ``[n, num_kv_heads, head_dim]`` in the model's
+        dtype (FP8 pools dequantize just these rows)."""
+        out = []
+        for cache, scale in zip(self.layer(layer_idx), self.layer_scales(layer_idx)):
+            rows = cache.reshape(-1, *cache.shape[2:]).index_select(0, slots)
+            if scale is not None:
+                rows = rows.to(torch.float32) * scale.reshape(-1, scale.shape[-1]).index_select(0, slots)[..., None]
+            out.append(rows.to(self.layout.dtype))
+        return out[0], out[1]
 
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy whole blocks in every layer (copy-on-write of a shared, partly filled block)."""
@@ -106,4 +138,19 @@ class KVPool:
         device = self.kv.device
         s = torch.tensor(src, dtype=torch.long, device=device)
         d = torch.tensor(dst, dtype=torch.long, device=device)
-        self.kv.index_copy_(2, d, self.kv.index_select(2, s))
+        # (float8 has no CPU index_copy_: copy the bytes)
+        raw = self.kv.view(torch.uint8) if self.kv.dtype == FP8_DTYPE else self.kv
+        raw.index_copy_(2, d, raw.index_select(2, s))
+        if self.scales is not None:
+            self.scales.index_copy_(2, d, self.scales.index_select(2, s))
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str, device: torch.device) -> None:
+    """``ValueError`` for an unknown KV cache dtype, or FP8 on a CUDA GPU without e4m3 support."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+    if kv_cache_dtype == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(
+            f"kv_cache_dtype='fp8' needs a GPU with float8 e4m3 support (compute capability 8.9+: Ada, Hopper or "
+            f"newer); {torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}"
+        )
