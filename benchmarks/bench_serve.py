@@ -1,0 +1,516 @@
+"""Load generator for OpenAI-compatible servers: ``hf-paged serve``, ``transformers serve``, others.
+
+Sends requests with Poisson arrivals at each given request rate (``inf``: all at once), streams every
+response, and reports per rate: request and output-token throughput, TTFT, TPOT, ITL and end-to-end
+latency (p50 / p99) and goodput (requests per second that met every SLO); a markdown table, a JSON file,
+and with ``plot`` a PNG of latency against rate for one or several runs side by side.
+
+    # prompts of 64..1024 tokens (counted with the tokenizer), 256 new tokens each, four rates
+    python benchmarks/bench_serve.py run --base-url http://127.0.0.1:8000 --tokenizer hf_paged/default_model \\
+        --num-prompts 200 --input-len 64:1024 --output-len 256 --rates 2,8,32,inf --ignore-eos \\
+        --label hf-paged --out hf_paged.json
+    python benchmarks/bench_serve.py plot hf_paged.json transformers.json --out latency.png
+    # the same requests through ContinuousGenerator in one process (the offline ceiling)
+    python benchmarks/bench_serve.py offline --model /tmp/model --requests hf_paged.json --output-len 256
+    # a random-weight shape saved as a model folder with the embedded tokenizer (for servers to load)
+    python benchmarks/bench_serve.py save-model --shape llama-8b --out /tmp/llama8b
+
+Only loopback addresses are accepted: this is a benchmark of a local server, never a load test of
+someone else's. Every request count and duration is bounded (``--num-prompts``, ``--max-duration``,
+``--request-timeout``).
+
+Definitions (as ``vllm bench serve``): TTFT = send to first generated text; ITL = gaps between
+consecutive streamed chunks that carry text; TPOT = (e2e - TTFT) / (output tokens - 1); output tokens
+come from the final usage chunk when the server sends one, else from the chunk count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+# ---- workload ------------------------------------------------------------------------------------
+def parse_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    lo_i, hi_i = int(lo), int(hi or lo)
+    if not 1 <= lo_i <= hi_i:
+        raise argparse.ArgumentTypeError(f"expected N or LO:HI with 1 <= LO <= HI, got {text!r}")
+    return lo_i, hi_i
+
+
+def make_prompts(num: int, input_len: tuple[int, int], seed: int, tokenizer_path: str | None,
+                 vocab_size: int | None) -> tuple[list[str | list[int]], list[int]]:
+    """Random prompts and their lengths in tokens (without the BOS a server may add).
+
+    With a tokenizer: text whose encoding has exactly the drawn length (random vocabulary tokens decoded,
+    re-encoded and trimmed until it fits), so servers that only take strings get the same work.
+    Without: random token ids in [3, vocab_size) (the completions endpoint accepts id lists).
+    """
+    rng = random.Random(seed)
+    lengths = [rng.randint(*input_len) for _ in range(num)]
+    if tokenizer_path is None:
+        if vocab_size is None:
+            raise SystemExit("give --tokenizer (text prompts) or --vocab-size (token-id prompts)")
+        return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths], lengths
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    special = set(tok.all_special_ids)
+    candidates = [i for i in range(len(tok)) if i not in special]
+    prompts = []
+    for n in lengths:
+        ids = [rng.choice(candidates) for _ in range(n)]
+        for _ in range(20):
+            text = tok.decode(ids)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if len(ids) == n:
+                break
+            ids = ids[:n] if len(ids) > n else ids + [rng.choice(candidates) for _ in range(n - len(ids))]
+        prompts.append(tok.decode(ids))
+    return prompts, lengths
+
+
+# ---- one request ---------------------------------------------------------------------------------
+@dataclass
+class RequestOutcome:
+    ok: bool
+    prompt_tokens: int
+    output_tokens: int = 0
+    ttft_s: float | None = None
+    e2e_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.ttft_s is None or self.output_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+async def send(client, url: str, body: dict, prompt_tokens: int, chat: bool, timeout: float) -> RequestOutcome:
+    out = RequestOutcome(ok=False, prompt_tokens=prompt_tokens)
+    start = time.perf_counter()
+    state = {"last": None, "chunks": 0, "usage": None}
+
+    async def stream() -> None:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code != 200:
+                out.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    out.error = str(chunk["error"])[:200]
+                    return
+                if chunk.get("usage"):
+                    state["usage"] = chunk["usage"]
+                now = time.perf_counter()
+                if any((c.get("delta", {}).get("content") if chat else c.get("text")) for c in chunk.get("choices", ())):
+                    state["chunks"] += 1
+                    if state["last"] is None:
+                        out.ttft_s = now - start
+                    else:
+                        out.itl_s.append(now - state["last"])
+                    state["last"] = now
+
+    try:
+        await asyncio.wait_for(stream(), timeout)
+    except asyncio.TimeoutError:
+        out.error = f"timed out after {timeout} s"
+        return out
+    except Exception as err:  # connection refused / reset: counted as a failed request
+        out.error = f"{type(err).__name__}: {err}"[:200]
+        return out
+    if out.error:
+        return out
+    out.e2e_s = time.perf_counter() - start
+    usage, chunks = state["usage"], state["chunks"]
+    if usage is not None:
+        out.output_tokens = int(usage.get("completion_tokens", chunks))
+        out.prompt_tokens = int(usage.get("prompt_tokens", prompt_tokens))
+    else:
+        out.output_tokens = chunks
+    out.ok = out.ttft_s is not None
+    if not out.ok:
+        out.error = "no text was streamed"
+    return out
+
+
+def request_body(args, model: str, prompt: str | list[int]) -> dict:
+    body: dict = {"model": model, "stream": True, "temperature": 0.0,
+                  "stream_options": {"include_usage": True}}
+    if args.endpoint == "chat":
+        if not isinstance(prompt, str):
+            raise SystemExit("the chat endpoint needs text prompts: give --tokenizer")
+        body["messages"] = [{"role": "user", "content": prompt}]
+        body["max_completion_tokens"] = args.output_len
+    else:
+        body["prompt"] = prompt
+        body["max_tokens"] = args.output_len
+    if args.ignore_eos:
+        body["ignore_eos"] = True  # not OpenAI's field: hf-paged serve and vLLM accept it
+    if args.extra_body:
+        body.update(json.loads(args.extra_body))
+    return body
+
+
+# ---- one rate ------------------------------------------------------------------------------------
+async def run_rate(args, client, url: str, model: str, prompts, lengths, rate: float) -> tuple[list[RequestOutcome], float, int]:
+    """Send every prompt with Poisson arrivals at ``rate`` (bounded by --max-duration); wait for all."""
+    rng = random.Random(args.seed + 1)
+    semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+    chat = args.endpoint == "chat"
+    in_flight = 0
+    peak = 0
+
+    async def one(prompt, n):
+        nonlocal in_flight, peak
+        if semaphore:
+            await semaphore.acquire()
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await send(client, url, request_body(args, model, prompt), n, chat, args.request_timeout)
+        finally:
+            in_flight -= 1
+            if semaphore:
+                semaphore.release()
+
+    tasks = []
+    start = time.perf_counter()
+    for prompt, n in zip(prompts, lengths):
+        if time.perf_counter() - start > args.max_duration:
+            break
+        tasks.append(asyncio.create_task(one(prompt, n)))
+        if math.isfinite(rate):
+            await asyncio.sleep(rng.expovariate(rate))
+    outcomes = await asyncio.gather(*tasks)
+    return list(outcomes), time.perf_counter() - start, peak
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    pos = (len(values) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def summarize(rate: float, outcomes: list[RequestOutcome], duration: float, peak: int, slo: dict[str, float]) -> dict:
+    ok = [o for o in outcomes if o.ok]
+    out_tokens = sum(o.output_tokens for o in ok)
+    in_tokens = sum(o.prompt_tokens for o in ok)
+    series = {
+        "ttft": [o.ttft_s for o in ok],
+        "tpot": [o.tpot_s for o in ok if o.tpot_s is not None],
+        "itl": [gap for o in ok for gap in o.itl_s],
+        "e2el": [o.e2e_s for o in ok],
+    }
+    row = {
+        "rate": rate if math.isfinite(rate) else "inf",
+        "sent": len(outcomes),
+        "completed": len(ok),
+        "failed": len(outcomes) - len(ok),
+        "errors": sorted({o.error for o in outcomes if o.error})[:5],
+        "duration_s": duration,
+        "peak_in_flight": peak,
+        "req_per_s": len(ok) / duration,
+        "out_tok_per_s": out_tokens / duration,
+        "total_tok_per_s": (out_tokens + in_tokens) / duration,
+        "output_tokens": out_tokens,
+        "prompt_tokens": in_tokens,
+    }
+    for name, values in series.items():
+        row[f"{name}_mean_ms"] = 1000 * sum(values) / len(values) if values else None
+        for q in (50, 99):
+            v = _pct(values, q)
+            row[f"{name}_p{q}_ms"] = None if v is None else 1000 * v
+    if slo:
+        def good(o: RequestOutcome) -> bool:
+            values = {"ttft": o.ttft_s, "tpot": o.tpot_s, "e2el": o.e2e_s}
+            # A one-token answer has no TPOT: it cannot miss that SLO.
+            return all((values[k] is None and k == "tpot") or (values[k] is not None and 1000 * values[k] <= limit)
+                       for k, limit in slo.items())
+
+        row["goodput_req_per_s"] = sum(1 for o in ok if good(o)) / duration
+    return row
+
+
+def render_table(rows: list[dict], label: str) -> str:
+    cols = [("rate", "rate"), ("completed", "done"), ("failed", "failed"), ("req_per_s", "req/s"),
+            ("out_tok_per_s", "out tok/s"), ("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99"),
+            ("tpot_p50_ms", "TPOT p50"), ("tpot_p99_ms", "TPOT p99"), ("itl_p50_ms", "ITL p50"),
+            ("itl_p99_ms", "ITL p99"), ("e2el_p50_ms", "E2E p50"), ("e2el_p99_ms", "E2E p99")]
+    if any("goodput_req_per_s" in r for r in rows):
+        cols.append(("goodput_req_per_s", "goodput req/s"))
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:,.2f}" if v < 100 else f"{v:,.0f}"
+        return str(v)
+
+    lines = [f"{label} (latencies in ms)", "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def check_loopback(base_url: str) -> None:
+    host = urlparse(base_url).hostname
+    if host not in LOOPBACK:
+        raise SystemExit(f"--base-url must point at this machine (127.0.0.1, localhost or ::1), got host {host!r}")
+
+
+async def _served_model(client, base_url: str) -> str:
+    resp = await client.get(f"{base_url}/v1/models")
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+async def main_run_async(args) -> int:
+    import httpx
+
+    check_loopback(args.base_url)
+    rates = [float(r) for r in args.rates.split(",")]
+    if any(not (r > 0) for r in rates):
+        raise SystemExit(f"--rates must be positive numbers or inf, got {args.rates!r}")
+    slo = {}
+    for part in filter(None, (args.goodput or "").split(",")):
+        key, _, ms = part.partition(":")
+        if key not in ("ttft", "tpot", "e2el"):
+            raise SystemExit(f"--goodput keys are ttft, tpot, e2el (milliseconds), got {key!r}")
+        slo[key] = float(ms)
+    prompts, lengths = make_prompts(args.num_prompts, args.input_len, args.seed, args.tokenizer, args.vocab_size)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(args.request_timeout, connect=30.0)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
+        model = args.model or await _served_model(client, args.base_url)
+        path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
+        url = args.base_url.rstrip("/") + path
+        # Warm-up (not measured): first-request costs (compilation, graph capture, connection setup).
+        warm = await asyncio.gather(*(send(client, url, request_body(args, model, p), n, args.endpoint == "chat",
+                                           args.request_timeout) for p, n in zip(prompts[:args.warmup], lengths)))
+        bad = [o.error for o in warm if not o.ok]
+        if bad:
+            raise SystemExit(f"warm-up requests failed: {bad[:3]}")
+        rows = []
+        for rate in rates:
+            outcomes, duration, peak = await run_rate(args, client, url, model, prompts, lengths, rate)
+            rows.append(summarize(rate, outcomes, duration, peak, slo))
+            print(render_table(rows[-1:], f"{args.label} @ rate {rate}"), flush=True)
+    print()
+    print(render_table(rows, f"{args.label}: {args.num_prompts} prompts of {args.input_len[0]}..{args.input_len[1]} "
+                             f"tokens, {args.output_len} new, {args.endpoint} endpoint, model {model}"))
+    if args.out:
+        record = {"label": args.label, "base_url": args.base_url, "model": model, "endpoint": args.endpoint,
+                  "num_prompts": args.num_prompts, "input_len": list(args.input_len), "output_len": args.output_len,
+                  "slo_ms": slo, "rows": rows, "prompts": prompts}
+        Path(args.out).write_text(json.dumps(record))
+        print(f"wrote {args.out}")
+    failed = sum(r["failed"] for r in rows)
+    return 1 if failed and args.fail_on_error else 0
+
+
+# ---- plot ----------------------------------------------------------------------------------------
+def main_plot(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(Path(p).read_text()) for p in args.results]
+    rates = []
+    for run in runs:
+        for row in run["rows"]:
+            if row["rate"] not in rates:
+                rates.append(row["rate"])
+    rates.sort(key=lambda r: math.inf if r == "inf" else r)
+    xs = {r: i for i, r in enumerate(rates)}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, (key, title) in zip(axes.flat, [("ttft", "time to first token"), ("tpot", "time per output token"),
+                                             ("itl", "inter-token latency"), ("e2el", "end-to-end latency")]):
+        for run in runs:
+            rows = sorted(run["rows"], key=lambda r: xs[r["rate"]])
+            x = [xs[r["rate"]] for r in rows]
+            line, = ax.plot(x, [r[f"{key}_p50_ms"] for r in rows], marker="o", label=f"{run['label']} p50")
+            ax.plot(x, [r[f"{key}_p99_ms"] for r in rows], marker="x", linestyle="--", color=line.get_color(),
+                    label=f"{run['label']} p99")
+        ax.set_title(title)
+        ax.set_xticks(range(len(rates)), [str(r) for r in rates])
+        ax.set_xlabel("request rate (req/s; inf = all at once)")
+        ax.set_ylabel("ms")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    first = runs[0]
+    fig.suptitle(f"{first['num_prompts']} prompts of {first['input_len'][0]}..{first['input_len'][1]} tokens, "
+                 f"{first['output_len']} new tokens")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    for run in runs:
+        print(render_table(run["rows"], run["label"]))
+    print(f"wrote {args.out}")
+    return 0
+
+
+# ---- offline ceiling and model folders -----------------------------------------------------------
+def main_offline(args) -> int:
+    """ContinuousGenerator on the exact prompts a ``run`` sent: the throughput the server is measured against."""
+    import torch
+    import transformers
+
+    from hf_paged import ContinuousGenerator, SamplingParams
+
+    record = json.loads(Path(args.requests).read_text())
+    prompts = record["prompts"][: args.num_prompts or None]
+    output_len = args.output_len or record["output_len"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(args.model)
+    gen = ContinuousGenerator(model, tok, progress=False)
+    params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True)
+    # Warm-up as the server's: the same first requests, then a clean prefix cache.
+    gen.generate(prompts[:8], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
+    gen.reset_prefix_cache()
+    rows = []
+    for _ in range(args.repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        results = gen.generate(prompts, params)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        out_tokens = sum(len(s.token_ids) for r in results for s in r.samples)
+        rows.append({"wall_s": wall, "req_per_s": len(prompts) / wall, "out_tok_per_s": out_tokens / wall})
+        gen.reset_prefix_cache()
+    best = max(rows, key=lambda r: r["out_tok_per_s"])
+    print(f"offline ContinuousGenerator, {len(prompts)} prompts x {output_len} new tokens: "
+          + ", ".join(f"{r['out_tok_per_s']:,.0f} out tok/s ({r['wall_s']:.2f} s)" for r in rows))
+    served = [r for r in record["rows"] if r["rate"] == "inf"]
+    if served:
+        ratio = served[0]["out_tok_per_s"] / best["out_tok_per_s"]
+        print(f"server at rate inf ({record['label']}): {served[0]['out_tok_per_s']:,.0f} out tok/s = {ratio:.1%} of offline")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"offline": rows, "num_prompts": len(prompts), "output_len": output_len}))
+    return 0
+
+
+def pad_vocab(tokenizer_json: dict, size: int) -> None:
+    """Give every id of a larger model's vocabulary a text (" t<id>"), so that every generated token
+    streams as text: a random-weight model samples ids across its whole vocabulary, and an id the
+    tokenizer does not know decodes to nothing (no chunk, no TTFT). No merge produces the new entries,
+    so encoding is unchanged."""
+    vocab = tokenizer_json["model"]["vocab"]
+    if size < len(vocab):
+        raise SystemExit(f"the model's vocabulary ({size}) is smaller than the tokenizer's ({len(vocab)})")
+    for i in range(len(vocab), size):
+        name = f"\u0120t{i}"  # byte-level spelling of " t<i>"
+        assert name not in vocab, name
+        vocab[name] = i
+
+
+def main_save_model(args) -> int:
+    """A random-weight shape (``hf-paged bench``'s) saved as a model folder with the embedded tokenizer."""
+    import shutil
+    from importlib import resources
+
+    import torch
+
+    from hf_paged.entrypoints.bench import build_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(args.shape, device, getattr(torch, args.dtype))
+    # Fixed-length outputs for every server: no end-of-sequence token ends a request early.
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = None
+    out = Path(args.out)
+    model.save_pretrained(out)
+    folder = resources.files("hf_paged").joinpath("default_model")
+    shutil.copyfile(str(folder.joinpath("tokenizer_config.json")), out / "tokenizer_config.json")
+    tokenizer = json.loads(folder.joinpath("tokenizer.json").read_text())
+    pad_vocab(tokenizer, model.get_output_embeddings().weight.shape[0])
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    print(f"wrote {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
+          f"{args.dtype}) with the embedded tokenizer to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="a rate sweep against a running server")
+    run.add_argument("--base-url", default="http://127.0.0.1:8000")
+    run.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    run.add_argument("--model", help="the model name to send (default: the first of GET /v1/models)")
+    run.add_argument("--api-key")
+    run.add_argument("--tokenizer", help="tokenizer folder: text prompts of exact token lengths")
+    run.add_argument("--vocab-size", type=int, help="without --tokenizer: random token-id prompts below this id")
+    run.add_argument("--num-prompts", type=int, default=200)
+    run.add_argument("--input-len", type=parse_range, default=(64, 1024), help="N or LO:HI tokens (uniform)")
+    run.add_argument("--output-len", type=int, default=256)
+    run.add_argument("--rates", default="1,4,16,inf", help="comma-separated requests/s; inf sends all at once")
+    run.add_argument("--max-concurrency", type=int, help="most requests in flight at once (default: no bound)")
+    run.add_argument("--max-duration", type=float, default=300.0, help="stop sending new requests of a rate after this many seconds")
+    run.add_argument("--request-timeout", type=float, default=600.0)
+    run.add_argument("--warmup", type=int, default=2, help="unmeasured requests before the sweep")
+    run.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (hf-paged serve, vLLM; not transformers serve)")
+    run.add_argument("--extra-body", help="JSON object merged into every request body")
+    run.add_argument("--goodput", help="SLOs in ms, e.g. ttft:2000,tpot:100,e2el:30000")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--label", default="server")
+    run.add_argument("--out", help="JSON file for the results (and the prompts, for `offline` and `plot`)")
+    run.add_argument("--fail-on-error", action="store_true", help="exit 1 if any request failed")
+    plot = sub.add_parser("plot", help="PNG of latency against rate for one or more `run` results")
+    plot.add_argument("results", nargs="+")
+    plot.add_argument("--out", default="serve_latency.png")
+    off = sub.add_parser("offline", help="ContinuousGenerator throughput on the prompts of a `run` result")
+    off.add_argument("--model", required=True, help="the model folder the server loaded")
+    off.add_argument("--requests", required=True, help="a `run` result JSON (its prompts are reused)")
+    off.add_argument("--output-len", type=int)
+    off.add_argument("--num-prompts", type=int)
+    off.add_argument("--dtype")
+    off.add_argument("--repeats", type=int, default=2)
+    off.add_argument("--out")
+    save = sub.add_parser("save-model", help="save a random-weight shape with the embedded tokenizer")
+    save.add_argument("--shape", default="llama-8b", help="tiny | llama-1b | llama-8b")
+    save.add_argument("--dtype", default="bfloat16")
+    save.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return asyncio.run(main_run_async(args))
+    if args.command == "plot":
+        return main_plot(args)
+    if args.command == "offline":
+        return main_offline(args)
+    return main_save_model(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
