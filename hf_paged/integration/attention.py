@@ -141,16 +141,21 @@ TRITON_HEAD_DIMS = (64, 80, 96, 128, 256)
 
 @functools.cache
 def _attention_impl(triton: bool):
-    """The Triton launcher or the torch reference (imported once: triton loads lazily)."""
-    from ..kernels import paged_attention
+    """The Triton launcher or the batched torch path (imported once: triton loads lazily, and the torch
+    path does not import it at all)."""
+    if triton:
+        from ..kernels import paged_attention
 
-    return paged_attention.paged_attention if triton else paged_attention.paged_attention_reference
+        return paged_attention.paged_attention
+    from ..kernels import paged_attention_cpu
+
+    return paged_attention_cpu.paged_attention_cpu
 
 
 def run_paged_attention(
     q_tok, k_cache, v_cache, step, *, scale, sliding_window, softcap, sinks, backend, k_scale=None, v_scale=None
 ):
-    """Dispatch to the Triton kernel on CUDA (unless ``backend="torch"``) or the torch reference.
+    """Dispatch to the Triton kernel on CUDA (unless ``backend="torch"``) or the batched torch path.
 
     ``k_scale``/``v_scale``: the per-slot scales of an FP8 pool, dequantized inside the kernels."""
     use_triton = q_tok.shape[-1] in TRITON_HEAD_DIMS and (backend == "triton" or (backend == "auto" and q_tok.is_cuda))
