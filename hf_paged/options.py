@@ -94,6 +94,7 @@ class EngineOptions:
     prefix_caching: bool = True  # reuse the K/V of full blocks of earlier prompts (and keep them after use)
     fuse_elementwise: bool = False  # torch.compile the model's RMSNorm / MLP modules for paged steps (CUDA only)
     profile: bool = False  # time each stage of each step (adds CUDA events; see StepProfile)
+    kv_cache_dtype: str = "auto"  # "fp8": e4m3 K/V with a scale per token and KV head (see PoolOptions)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):

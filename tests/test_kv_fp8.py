@@ -198,3 +198,26 @@ def test_enable_fp8_against_full_precision(name):
     assert worst < LOGPROB_TOL, worst
     assert not bad_flips, bad_flips
     assert identical >= 2  # most rows never meet a near tie in 16 steps
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2"])
+def test_generator_fp8_against_full_precision(name):
+    """ContinuousGenerator with an FP8 pool, checked token by token against a full-precision forward over
+    its own outputs: each chosen token is the full-precision top-1 except at near ties, and its logprob
+    is within LOGPROB_TOL. (A small pool preempts, so recomputed FP8 K/V are covered too.)"""
+    from hf_paged import ContinuousGenerator, SamplingParams
+
+    model = make_model(name, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 96, (n,), generator=gen).tolist() for n in (3, 60, 17, 33, 8, 45)]
+    cg = ContinuousGenerator(model, kv_cache_dtype="fp8", num_blocks=6, progress=False)
+    assert cg.pool.kv.dtype == FP8
+    results = cg.generate(prompts, SamplingParams(max_new_tokens=20, temperature=0, logprobs=0))
+    assert cg.stats.preemptions > 0 and cg.pool.allocator.is_whole()
+    for p, res in zip(prompts, results):
+        with torch.no_grad():
+            lp = model(torch.tensor([p + res.token_ids])).logits[0, len(p) - 1 : -1].double().log_softmax(-1)
+        for i, (tok, entry) in enumerate(zip(res.token_ids, res.logprobs)):
+            assert abs(entry.logprob - lp[i, tok].item()) < LOGPROB_TOL
+            top2 = lp[i].topk(2).values
+            assert tok == lp[i].argmax() or top2[0] - top2[1] < 2 * LOGPROB_TOL, (i, tok, top2)
