@@ -393,6 +393,7 @@ class EngineCore:
         self.abort_all()
         self.runner.graphs = None
         self.pool.kv = torch.empty(0, device=self.pool.kv.device)
+        self.pool.scales = None  # FP8 pools' per-token scales
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
