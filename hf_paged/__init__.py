@@ -32,29 +32,46 @@ def _map_source_kernels() -> None:
 
 _map_source_kernels()
 
-from .integration.attention import ATTENTION_NAME  # noqa: E402
-from .memory.block_allocator import BlockAllocator  # noqa: E402
-from .integration.cache import PagedCache, PoolExhaustedError  # noqa: E402
-from .integration.enable import disable, enable, is_enabled  # noqa: E402
-from .entrypoints.generator import ContinuousGenerator, GeneratorOptions, GeneratorStats  # noqa: E402
-from .engine.request import GenerationResult, SampleResult, StreamEvent, TokenLogprobs  # noqa: E402
-from .engine.sampling_params import SamplingParams  # noqa: E402
+# Public names -> the module that defines them, imported on first use (PEP 562): ``import hf_paged``
+# and ``hf-paged --help`` stay fast because torch and transformers load only when something needs them.
+_EXPORTS = {
+    "ATTENTION_NAME": ".integration.attention",
+    "BlockAllocator": ".memory.block_allocator",
+    "PagedCache": ".integration.cache",
+    "PoolExhaustedError": ".integration.cache",
+    "disable": ".integration.enable",
+    "enable": ".integration.enable",
+    "is_enabled": ".integration.enable",
+    "AsyncEngine": ".engine.async_engine",
+    "EngineDeadError": ".engine.async_engine",
+    "EngineOverloadedError": ".engine.async_engine",
+    "EngineStats": ".engine.core",
+    "RequestMetrics": ".engine.core",
+    "ContinuousGenerator": ".entrypoints.generator",
+    "GeneratorOptions": ".entrypoints.generator",
+    "GeneratorStats": ".entrypoints.generator",
+    "GenerationResult": ".engine.request",
+    "SampleResult": ".engine.request",
+    "StreamEvent": ".engine.request",
+    "TokenLogprobs": ".engine.request",
+    "SamplingParams": ".engine.sampling_params",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "ATTENTION_NAME",
-    "BlockAllocator",
-    "ContinuousGenerator",
-    "GenerationResult",
-    "GeneratorOptions",
-    "GeneratorStats",
-    "SampleResult",
-    "SamplingParams",
-    "StreamEvent",
-    "TokenLogprobs",
-    "PagedCache",
-    "PoolExhaustedError",
-    "disable",
-    "enable",
-    "is_enabled",
-]
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hf_paged' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
 __version__ = "0.1.0"

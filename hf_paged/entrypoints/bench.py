@@ -4,6 +4,9 @@ Every system runs the same random-weight model and the same workload (random tok
 lengths drawn from U[min_len, max_len], greedy, EOS ignored, exactly ``new_tokens`` generated per
 request) in one process, so the numbers are side by side. Used by ``hf-paged bench`` and by the
 pytest-benchmark suite in ``benchmarks/``.
+
+torch and transformers are imported inside the functions that use them, so the command line can read
+``SHAPES`` and ``SYSTEMS`` to check its arguments without loading either.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
+if TYPE_CHECKING:
+    import torch
 
-# Random-weight shapes of the anchors (../shared/docs/anchors.md §3.2) plus a CPU-sized one.
+# Random-weight Llama shapes: Llama-3.2-1B and Llama-3.1-8B (same layer sizes, random weights, so no
+# download is needed), plus a CPU-sized one.
 SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, vocab_size=2048, tie_word_embeddings=True),
@@ -27,6 +32,7 @@ SHAPES: dict[str, dict] = {
                      num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
 }
 SYSTEMS = ("continuous", "hf_static", "hf_generate_batch", "enable_generate")
+MAX_POSITIONS = 8192  # max_position_embeddings of the random-weight shapes
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +44,8 @@ class Workload:
     seed: int = 0
 
     def prompts(self, vocab_size: int) -> list[list[int]]:
+        import torch
+
         g = torch.Generator().manual_seed(self.seed)
         lens = torch.randint(self.min_len, self.max_len + 1, (self.num_prompts,), generator=g).tolist()
         return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in lens]
@@ -72,8 +80,11 @@ class BenchResult:
 
 
 def build_model(shape_or_path: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    import torch
+    import transformers
+
     if shape_or_path in SHAPES:
-        config = transformers.LlamaConfig(**SHAPES[shape_or_path], max_position_embeddings=8192)
+        config = transformers.LlamaConfig(**SHAPES[shape_or_path], max_position_embeddings=MAX_POSITIONS)
         torch.manual_seed(0)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # build in the target dtype: half the memory and init time
@@ -91,11 +102,15 @@ def build_model(shape_or_path: str, device: str, dtype: torch.dtype) -> torch.nn
 
 
 def _sync(device: str) -> None:
+    import torch
+
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def _measure(device: str, fn: Callable[[], BenchResult]) -> BenchResult:
+    import torch
+
     # The previous system's KV pool must be gone: HF generate_batch sizes its cache from free memory.
     gc.collect()
     if device.startswith("cuda"):
@@ -108,6 +123,8 @@ def _measure(device: str, fn: Callable[[], BenchResult]) -> BenchResult:
 
 
 def _left_padded(prompts: list[list[int]], device: str) -> dict[str, torch.Tensor]:
+    import torch
+
     width = max(map(len, prompts))
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -145,6 +162,8 @@ def run_enable_generate(model, prompts, new_tokens, batch_size, device) -> Bench
 
 def run_hf_generate_batch(model, prompts, new_tokens, device) -> BenchResult:
     """transformers' own continuous batching with its defaults (one small warm-up call first)."""
+    import transformers
+
     config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
     model.generate_batch(inputs=prompts[:2], generation_config=config, progress_bar=False)
     _sync(device)
@@ -213,6 +232,8 @@ def run_continuous(model, prompts, new_tokens, device, sampling=None, **options)
 
 def shared_prefix_prompts(num_prompts: int, prefix_len: int, unique_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
     """One system prompt of ``prefix_len`` random tokens followed by ``unique_len`` tokens per request."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(3, vocab_size, (prefix_len,), generator=g).tolist()
     return [prefix + torch.randint(3, vocab_size, (unique_len,), generator=g).tolist() for _ in range(num_prompts)]
@@ -301,8 +322,11 @@ def run_all(model, workload: Workload, systems, device, hf_batch_size, cg_option
 
 
 def main_bench(args) -> int:
+    """``hf-paged bench``: ``args`` as parsed and checked by ``hf_paged.entrypoints.cli``."""
+    import torch
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     model = build_model(args.model, device, dtype)
     workload = Workload(args.num_prompts, args.min_len, args.max_len, args.new_tokens)
     cg_options = {
@@ -321,32 +345,75 @@ def main_bench(args) -> int:
             print(r.extra["profile"])
     print(render_table(results))
     if args.plot:
-        plot_concurrency(model, workload, device, cg_options, args.plot)
+        sweep = sweep_concurrency(model, workload, device, cg_options)
+        plot_throughput(sweep, results, workload, args.hf_batch_size, args.plot, title=f"{args.model} on {device}")
+        print(f"wrote {args.plot}")
     return 0
 
 
-def plot_concurrency(model, workload, device, cg_options, path, levels=(32, 64, 128, 256, 512)) -> None:
-    """PNG of ContinuousGenerator output tok/s against max_num_seqs."""
+def concurrency_levels(num_prompts: int, max_num_seqs: int, span: int = 16) -> list[int]:
+    """``max_num_seqs`` values worth measuring: powers of two from ``reach / span`` up to ``reach``.
+
+    ``reach = min(num_prompts, max_num_seqs)``: more concurrency than requests cannot happen, so the
+    sweep stops there (and includes it).
+    """
+    reach = min(num_prompts, max_num_seqs)
+    return sorted({2**k for k in range(reach.bit_length()) if reach <= span * 2**k < span * reach} | {reach})
+
+
+def sweep_concurrency(model, workload: Workload, device: str, cg_options: dict) -> list[BenchResult]:
+    """ContinuousGenerator on ``workload`` at each of ``concurrency_levels``; ``extra["max_num_seqs"]`` says which."""
+    prompts = workload.prompts(model.config.vocab_size)
+    out = []
+    for level in concurrency_levels(workload.num_prompts, cg_options.get("max_num_seqs", 512)):
+        options = {**cg_options, "max_num_seqs": level}
+        # _measure: the previous level's pool must be freed first, or this one is sized from what is left.
+        r = _measure(device, lambda: run_continuous(model, prompts, workload.new_tokens, device, **options))
+        print(f"max_num_seqs {level:>4}: {r.out_tok_s:,.0f} out tok/s")
+        out.append(r)
+    return out
+
+
+# Where each system's concurrency comes from: its batch size, or (generate_batch) its own scheduler.
+_BATCHED = ("hf_static", "enable_generate")
+
+
+def plot_throughput(sweep: list[BenchResult], results: list[BenchResult], workload: Workload, hf_batch_size: int,
+                    path: str, title: str = ""):
+    """PNG of output tok/s against concurrency: the ContinuousGenerator sweep as a line, and every system
+    of the main run (``results``) at its own concurrency; the y axis starts at 0. Returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    prompts = workload.prompts(model.config.vocab_size)
-    xs, ys = [], []
-    for level in levels:
-        # _measure: the previous level's pool must be freed first, or this one is sized from what is left.
-        r = _measure(device, lambda: run_continuous(model, prompts, workload.new_tokens, device, **{**cg_options, "max_num_seqs": level}))
-        xs.append(level)
-        ys.append(r.out_tok_s)
-        print(f"max_num_seqs {level:>4}: {r.out_tok_s:,.0f} out tok/s")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(xs, ys, marker="o")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ticks = {r.extra["max_num_seqs"] for r in sweep}
+    if sweep:
+        xs = [r.extra["max_num_seqs"] for r in sweep]
+        ax.plot(xs, [r.out_tok_s for r in sweep], marker="o", label="continuous (max_num_seqs sweep)")
+    for r in results:
+        if r.system == "continuous":
+            x = min(workload.num_prompts, r.extra.get("max_num_seqs", workload.num_prompts))
+            ticks.add(x)
+            ax.plot([x], [r.out_tok_s], marker="*", markersize=12, linestyle="none", label="continuous (main run)")
+        elif r.system in _BATCHED:
+            x = min(workload.num_prompts, hf_batch_size)
+            ticks.add(x)
+            ax.plot([x], [r.out_tok_s], marker="s", linestyle="none", label=f"{r.system} (batch size {x})")
+        else:  # generate_batch picks its own concurrency: a level line
+            ax.axhline(r.out_tok_s, linestyle="--", color="gray", label=f"{r.system} (own scheduler)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("max_num_seqs (concurrency)")
+    ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("concurrent sequences")
     ax.set_ylabel("output tokens / s")
-    ax.set_title(f"ContinuousGenerator throughput, {workload.num_prompts} prompts")
+    ax.set_title(f"{title + ', ' if title else ''}{workload.num_prompts} prompts of {workload.min_len}..{workload.max_len} "
+                 f"tokens, {workload.new_tokens} new", fontsize=9)
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    plt.close(fig)
+    return fig
