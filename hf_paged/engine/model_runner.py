@@ -15,6 +15,7 @@ import torch
 
 from ..integration.attention import active_cache, implementation_switch
 from ..integration.cache import PagedCache
+from ..integration.tensor_parallel import kv_heads_per_rank
 from .cuda_graphs import DecodeGraphs
 from .fusion import ElementwiseFusion
 from ..memory.kv_pool import KVLayout, KVPool
@@ -26,10 +27,9 @@ def kv_layout_from_config(model: torch.nn.Module, dtype: torch.dtype, device: to
     """The K/V shape of one token in one layer, from the config, so the pool is sized before any forward."""
     config = model.config.get_text_config()
     num_heads = config.num_attention_heads
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None)
-    if num_kv_heads is None:
-        num_kv_heads = 1 if getattr(config, "multi_query", False) else num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    # A tensor-parallel model computes only its rank's share of the KV heads (refused if uneven).
+    num_kv_heads = kv_heads_per_rank(model)
     return KVLayout(config.num_hidden_layers, num_kv_heads, head_dim, dtype, torch.device(device))
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from . import attention
+from . import attention, tensor_parallel
 from .cache import PagedCache
 from ..memory.kv_pool import KVLayout, KVPool
 from ..options import EnableOptions, from_kwargs
@@ -61,6 +61,7 @@ class _EnableState:
     hooks: list[Any] = field(default_factory=list)
     pool: KVPool | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    tp_group: Any = None  # tensor-parallel model: its ranks agree on one pool size
 
     def get_pool(self, layout: KVLayout) -> KVPool:
         with self.lock:
@@ -71,7 +72,8 @@ class _EnableState:
                     )
                 self.pool = None
             if self.pool is None:
-                self.pool = KVPool.create(self.options.pool(), layout)
+                options = tensor_parallel.agreed_pool_options(self.options.pool(), layout, self.tp_group)
+                self.pool = KVPool.create(options, layout)
                 logger.info(
                     "hf_paged: KV pool of %d blocks x %d tokens (%.1f MiB) on %s",
                     self.pool.num_blocks,
@@ -117,6 +119,7 @@ def enable(model: torch.nn.Module, **options: Any) -> torch.nn.Module:
             return model
         disable(model)
 
+    tensor_parallel.check_kv_heads(model)  # refuses a TP size that splits a KV head
     uses_interface = uses_attention_interface(model)
     gen_config = getattr(model, "generation_config", None)
     original_cache_impl = getattr(gen_config, "cache_implementation", None)
@@ -126,6 +129,7 @@ def enable(model: torch.nn.Module, **options: Any) -> torch.nn.Module:
         num_layers=config.get_text_config().num_hidden_layers,
         switch=attention.implementation_switch(model),
         original_cache_implementation=original_cache_impl,
+        tp_group=tensor_parallel.process_group(model),
     )
     if original_cache_impl is not None:
         logger.warning(
