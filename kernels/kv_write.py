@@ -24,8 +24,12 @@ per row (3% of a 128-wide fp8 row). Readers dequantize with ``value = e4m3 * sca
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install: write_kv_reference below is its path (see _no_triton.py)
+    from ._no_triton import tl, triton
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3 value

@@ -52,7 +52,7 @@ def nothing_runs(monkeypatch):
         (["bench", "--model", "no-such-org/no-such-model"], "only local folders and one of the random-weight shapes"),
         (["demo", "--model", "no-such-org/no-such-model"], "only local folders and the embedded default"),
         (["bench", "--plot", "/no/such/folder/out.png"], "--plot /no/such/folder/out.png: the folder"),
-        (["serve"], "argument COMMAND: invalid choice: 'serve'"),
+        (["serv"], "argument COMMAND: invalid choice: 'serv'"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(argv, message, capsys, nothing_runs):
@@ -61,7 +61,7 @@ def test_bad_arguments_give_one_line_errors(argv, message, capsys, nothing_runs)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith(f"hf-paged {argv[0]}: error:" if argv[0] != "serve" else "hf-paged: error:")
+    assert len(errors) == 1 and errors[0].startswith(f"hf-paged {argv[0]}: error:" if argv[0] != "serv" else "hf-paged: error:")
     assert message in errors[0], err
     assert "Traceback" not in err
 

@@ -1,4 +1,5 @@
-"""``hf-paged`` command line: ``demo`` (the main job) and ``bench`` (throughput comparison).
+"""``hf-paged`` command line: ``demo`` (the main job), ``bench`` (throughput comparison) and ``serve``
+(an OpenAI-compatible HTTP server).
 
 Arguments are checked before anything heavy is imported: ``hf-paged --help`` and a bad argument answer
 at once with argparse's one-line error; torch and transformers load only when a command runs.
@@ -23,10 +24,14 @@ DTYPES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``hf-paged`` parser. A subcommand is one ``_add_*`` function: it adds its subparser and sets
-    ``run`` (the function that runs it, imported lazily) and, optionally, ``check`` (argument checks
-    that need more than argparse's types; they return an error message or None)."""
-    parser = argparse.ArgumentParser(prog="hf-paged", description=__doc__.splitlines()[0].strip("`"))
+    """The ``hf-paged`` parser. A subcommand is one ``_add_*`` function calling ``_subcommand``: the
+    subparser's command (a "module:function", imported when it runs) and, optionally, checks that need
+    more than argparse's types (functions of ``args`` that return an error message or None)."""
+    parser = argparse.ArgumentParser(
+        prog="hf-paged",
+        description="PagedAttention and continuous batching for Hugging Face models. "
+        "With no command, runs the demo; `hf-paged COMMAND --help` lists a command's options.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(sub)
     _add_bench(sub)
