@@ -1,8 +1,8 @@
 """End-to-end pytest-benchmark suite: every system on the same model and workload, in one process.
 
 CPU (CI): a tiny model and small counts, so the suite is exercised on every run.
-GPU: the anchor shapes. ``HF_PAGED_BENCH=llama-1b`` (default on CUDA) or ``llama-8b`` picks the shape
-and its workload from ../shared/docs/anchors.md ("Baselines measured on one H200").
+GPU: the random-weight Llama-3.2-1B / Llama-3.1-8B shapes. ``HF_PAGED_BENCH=llama-1b`` (default on
+CUDA) or ``llama-8b`` picks the shape and its workload (the ones in ``benchmarks/RESULTS.md``).
 
     python -m pytest benchmarks/test_bench_e2e.py --benchmark-json=out.json
 """

@@ -1,7 +1,7 @@
 """Shared-block benchmarks: prefix caching on/off, n-sample forks vs separate requests, 0%-hit overhead.
 
 CPU (CI): the tiny model with small counts. GPU: ``HF_PAGED_BENCH=llama-1b`` (default) or ``llama-8b``
-with the sizes of the shared-blocks issue (256 requests x 1,024-token system prompt + 64 unique
+with the sizes in ``benchmarks/RESULTS.md`` (256 requests x 1,024-token system prompt + 64 unique
 tokens; n=8 of 64 prompts; the throughput workload).
 
     python -m pytest benchmarks/test_bench_sharing.py -s --benchmark-json=out.json
