@@ -118,3 +118,21 @@ def test_chat_and_rendered_templates_get_one_bos():
     assert gen.generate(["ab"], params)[0].prompt_token_ids[0] == 1
     with pytest.raises(TypeError, match="conversation 0"):
         gen.chat(["not a conversation"])
+
+
+def test_defaults_come_from_the_models_generation_config():
+    model = make_model("llama")
+    model.generation_config.do_sample = False
+    model.generation_config.max_new_tokens = 5
+    gen = new(model)
+    prompt = make_prompts()[1]
+    first, second = gen.generate([prompt]), gen.generate([prompt])
+    stock = model.generate(torch.tensor([prompt]))[0, len(prompt) :].tolist()  # stock reads the same config
+    assert first[0].token_ids == second[0].token_ids == stock and len(stock) <= 5
+    # Sampling settings of the checkpoint are used too; explicit parameters override them.
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = 0.7
+    model.generation_config.top_k = 7
+    defaults = gen.default_sampling_params()
+    assert (defaults.temperature, defaults.top_k, defaults.max_new_tokens) == (0.7, 7, 5)
+    assert len(gen.generate([prompt], SamplingParams(max_new_tokens=9, temperature=0, ignore_eos=True))[0].token_ids) == 9

@@ -180,7 +180,8 @@ class AsyncEngine:
             ) from None
         if request_id is not None and not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str or None, got {type(request_id).__name__}")
-        params = SamplingParams() if sampling_params is None else sampling_params
+        # None: the model's generation_config (greedy unless it sets do_sample), as generate() does.
+        params = self.core.default_sampling_params() if sampling_params is None else sampling_params
         self._check_alive()
         ids, params = self.core.check(f"request {request_id!r}" if request_id else "request", prompt, params)
         engine_text = bool(params.stop)  # the engine needs the text only to find stop strings

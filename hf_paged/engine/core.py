@@ -99,6 +99,8 @@ class EngineStats:
     prefix_hit_tokens: int
     forked_samples: int
     finished: dict[str, int]  # finish_reason -> user requests finished
+    swapped_out_blocks: int = 0  # blocks preemptions copied to the swap space (preemption_mode="swap")
+    swapped_in_blocks: int = 0  # blocks copied back when their requests resumed
 
     @property
     def kv_usage(self) -> float:
@@ -193,6 +195,7 @@ class EngineCore:
             max_model_len=self.max_model_len,
             prefix_cache_seed=self._prefix_seed if options.prefix_caching else None,
             sliding_window=self.runner.cache.sliding_window,
+            swap_blocks=self._allocate_swap(options),
         )
         self.counters = EngineCounters()
         self.kv_blocks_peak = 0  # reset by whoever wants a per-run peak
@@ -200,7 +203,28 @@ class EngineCore:
         self._next_request_id = 0
         self._groups: dict[int, RequestGroup] = {}  # request_id of every unfinished sample -> its group
 
+    def _allocate_swap(self, options: EngineOptions) -> int:
+        """Swap slots for preemption by swapping (0: preempt by recompute)."""
+        if options.preemption_mode != "swap":
+            return 0
+        num = int(options.swap_space_gb * 2**30) // self.pool.bytes_per_block
+        if num < 1:
+            raise ValueError(
+                f"swap_space_gb={options.swap_space_gb} holds no KV block of {self.pool.bytes_per_block} bytes"
+            )
+        self.pool.allocate_swap(num)
+        return num
+
     # ---- inputs ----------------------------------------------------------------------------------
+    def default_sampling_params(self) -> SamplingParams:
+        """What a request without ``SamplingParams`` uses: the model's ``generation_config``, as ``generate`` does.
+
+        ``do_sample=False`` (transformers' default) means greedy; with ``do_sample=True`` its temperature,
+        top-k, top-p, min-p and repetition penalty apply; ``max_new_tokens`` and ``min_new_tokens`` too.
+        Override single fields with ``dataclasses.replace(core.default_sampling_params(), ...)``.
+        """
+        return sampling_params_from_generation_config(getattr(self.model, "generation_config", None))
+
     def check(self, where: str, prompt: Any, params: Any) -> tuple[list[int], SamplingParams]:
         """Validate one prompt and its parameters; returns the token ids and a snapshot of the params.
 
@@ -394,6 +418,7 @@ class EngineCore:
         self.runner.graphs = None
         self.pool.kv = torch.empty(0, device=self.pool.kv.device)
         self.pool.scales = None  # FP8 pools' per-token scales
+        self.pool.swap_kv = self.pool.swap_scales = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -464,7 +489,38 @@ class EngineCore:
             prefix_hit_tokens=s.num_cached_tokens,
             forked_samples=s.num_forked_samples,
             finished=dict(c.finished),
+            swapped_out_blocks=s.num_swapped_out_blocks,
+            swapped_in_blocks=s.num_swapped_in_blocks,
         )
+
+
+def sampling_params_from_generation_config(config: Any) -> SamplingParams:
+    """``SamplingParams`` with the fields a transformers ``GenerationConfig`` sets (None: the library defaults)."""
+    if config is None:
+        return SamplingParams()
+    fields: dict[str, Any] = {}
+    max_new = getattr(config, "max_new_tokens", None)
+    if isinstance(max_new, int) and max_new >= 1:
+        fields["max_new_tokens"] = max_new
+    min_new = getattr(config, "min_new_tokens", None)
+    if isinstance(min_new, int) and 0 < min_new <= fields.get("max_new_tokens", SamplingParams.max_new_tokens):
+        fields["min_new_tokens"] = min_new
+    penalty = getattr(config, "repetition_penalty", None)
+    if isinstance(penalty, (int, float)) and penalty > 0:
+        fields["repetition_penalty"] = float(penalty)
+    if not getattr(config, "do_sample", False):
+        fields["temperature"] = 0.0
+    else:
+        for name, ok in (
+            ("temperature", lambda v: v > 0),
+            ("top_k", lambda v: isinstance(v, int) and v >= 0),
+            ("top_p", lambda v: 0 < v <= 1),
+            ("min_p", lambda v: 0 <= v <= 1),
+        ):
+            value = getattr(config, name, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and ok(value):
+                fields[name] = value
+    return SamplingParams(**fields)
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:

@@ -34,8 +34,10 @@ class GeneratorStats:
     """Counters of the latest ``generate``/``stream`` run (reset when the next one starts)."""
 
     steps: int = 0  # forward steps
-    preemptions: int = 0  # requests preempted (their K/V dropped, to be recomputed)
+    preemptions: int = 0  # requests preempted (their K/V dropped to be recomputed, or swapped out)
     recomputed_tokens: int = 0  # tokens whose K/V preemption threw away
+    swapped_out_blocks: int = 0  # blocks preemption copied to host memory (preemption_mode="swap")
+    swapped_in_blocks: int = 0  # blocks copied back when their requests resumed
     prompt_tokens: int = 0  # prompt tokens submitted (each of n samples counts)
     generated_tokens: int = 0  # tokens sampled
     kv_blocks_used: int = 0  # blocks in use now
@@ -78,6 +80,11 @@ class ContinuousGenerator:
         kv_cache_dtype: "auto" keeps K/V in the model's dtype; "fp8" stores them as float8 e4m3 with a
             float32 scale per token and KV head (about 1.9x the tokens in the same memory; logprobs move
             by a few hundredths), dequantized inside the attention kernels.
+        preemption_mode: what happens to a request preempted when the pool is full: "recompute" (its
+            K/V are dropped and recomputed when it resumes) or "swap" (its blocks are copied to host
+            memory and back; a request that does not fit in the swap space is recomputed).
+        swap_space_gb: host memory (GiB; pinned on CUDA) for swapped-out blocks, allocated in "swap"
+            mode only.
     """
 
     def __init__(
@@ -98,6 +105,8 @@ class ContinuousGenerator:
         fuse_elementwise: bool = False,
         profile: bool = False,
         kv_cache_dtype: str = "auto",
+        preemption_mode: str = "recompute",
+        swap_space_gb: float = 4.0,
     ) -> None:
         self.options = EngineOptions(
             block_size=block_size,
@@ -113,6 +122,8 @@ class ContinuousGenerator:
             fuse_elementwise=fuse_elementwise,
             profile=profile,
             kv_cache_dtype=kv_cache_dtype,
+            preemption_mode=preemption_mode,
+            swap_space_gb=swap_space_gb,
         )
         self.core = EngineCore(model, tokenizer, self.options)
         self.model = model
@@ -139,6 +150,8 @@ class ContinuousGenerator:
             steps=now.steps - base.steps,
             preemptions=now.preemptions - base.preemptions,
             recomputed_tokens=now.recomputed_tokens - base.recomputed_tokens,
+            swapped_out_blocks=now.swapped_out_blocks - base.swapped_out_blocks,
+            swapped_in_blocks=now.swapped_in_blocks - base.swapped_in_blocks,
             generated_tokens=now.generated_tokens - base.generated_tokens,
             prefix_queried_tokens=now.prefix_queried_tokens - base.prefix_queried_tokens,
             prefix_hit_tokens=now.prefix_hit_tokens - base.prefix_hit_tokens,
@@ -147,6 +160,12 @@ class ContinuousGenerator:
             kv_blocks_peak=self.core.kv_blocks_peak,
             kv_blocks_cached=now.kv_blocks_cached,
         )
+
+    def default_sampling_params(self) -> SamplingParams:
+        """The parameters used when ``sampling_params`` is None: the model's ``generation_config``
+        (``do_sample=False``, transformers' default, means greedy). Override fields with
+        ``dataclasses.replace(gen.default_sampling_params(), max_new_tokens=64)``."""
+        return self.core.default_sampling_params()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (the next requests compute their prompts in full)."""
@@ -248,7 +267,7 @@ class ContinuousGenerator:
         if isinstance(prompts, (str, bytes, dict)) or not isinstance(prompts, Sequence):
             raise TypeError(f"prompts must be a list of strings or of token-id lists, got {type(prompts).__name__}")
         if sampling_params is None:
-            params_list = [SamplingParams()] * len(prompts)
+            params_list = [self.core.default_sampling_params()] * len(prompts)
         elif isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         elif isinstance(sampling_params, (str, bytes, dict)) or not isinstance(sampling_params, Sequence):
