@@ -11,6 +11,8 @@ T = TypeVar("T")
 BACKENDS = ("auto", "torch", "triton")
 # "auto": K/V stored in the model's dtype; "fp8": float8 e4m3 with a scale per token and KV head.
 KV_CACHE_DTYPES = ("auto", "fp8")
+# What a preempted request's K/V become: dropped and recomputed later, or copied to host memory and back.
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 def from_kwargs(cls: type[T], kwargs: dict[str, Any], *, where: str) -> T:
@@ -95,6 +97,8 @@ class EngineOptions:
     fuse_elementwise: bool = False  # torch.compile the model's RMSNorm / MLP modules for paged steps (CUDA only)
     profile: bool = False  # time each stage of each step (adds CUDA events; see StepProfile)
     kv_cache_dtype: str = "auto"  # "fp8": e4m3 K/V with a scale per token and KV head (see PoolOptions)
+    preemption_mode: str = "recompute"  # "swap": preempted requests' blocks go to host memory and back
+    swap_space_gb: float = 4.0  # host memory for swapped-out blocks (GiB), allocated in "swap" mode only
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -106,6 +110,10 @@ class EngineOptions:
         for name in ("progress", "cuda_graphs", "prefix_caching", "fuse_elementwise", "profile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
+        if isinstance(self.swap_space_gb, bool) or not isinstance(self.swap_space_gb, (int, float)) or not self.swap_space_gb > 0:
+            raise ValueError(f"swap_space_gb must be a number > 0, got {self.swap_space_gb!r}")
         self.pool()  # validates the pool fields
 
     def pool(self) -> PoolOptions:

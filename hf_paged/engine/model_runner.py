@@ -95,6 +95,10 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Forward the step; returns ``[R, V]`` logits of the requests that sample, in batch order."""
+        if batch.swap_out:  # preemption by swapping: first, the forward may reuse the blocks
+            self.pool.swap_out(*map(list, zip(*batch.swap_out)))
+        if batch.swap_in:
+            self.pool.swap_in(*map(list, zip(*batch.swap_in)))
         if batch.block_copies:  # copy-on-write, before anything writes the copies
             src, dst = zip(*batch.block_copies)
             self.pool.copy_blocks(list(src), list(dst))

@@ -11,6 +11,11 @@ Blocks are allocated on demand. When the allocator says no (``None``), the most 
 running request is preempted: its blocks are freed and it goes to the FRONT of the waiting queue with
 its generated tokens kept, to be recomputed as part of its "prompt" later. Outputs do not change:
 greedy decoding recomputes the same K/V, and seeded noise depends on (seed, position) only.
+With a swap space (``swap_blocks > 0``) a victim's blocks are copied to host memory instead
+(``ScheduledBatch.swap_out``) and copied back into fresh blocks when it is admitted again
+(``swap_in``), so nothing is recomputed; a victim that does not fit in the free swap space is
+recomputed. A step that preempts admits nobody, so no step both swaps out and swaps in: a block or
+swap slot freed by one direction is never the target of the other within a step.
 
 Shared blocks (reference counts in the allocator make freeing exact):
 
@@ -64,6 +69,10 @@ class ScheduledBatch:
     num_scheduled_tokens: int  # sum of query_len: the packed batch length T
     # Copy-on-write: whole-block copies (src, dst) to run before the forward, in order.
     block_copies: tuple[tuple[int, int], ...] = ()
+    # Preemption by swapping, run first (before the copies and the forward, which may reuse the blocks
+    # swapped out): (pool block, swap slot) to save, and (swap slot, pool block) to restore.
+    swap_out: tuple[tuple[int, int], ...] = ()
+    swap_in: tuple[tuple[int, int], ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -88,6 +97,7 @@ class Scheduler:
         prefix_cache_seed: names the model whose K/V the blocks hold; None turns prefix caching off.
         sliding_window: when every layer attends through a window of at most this many keys, blocks
             wholly before it are given back as sequences grow (None: keep every block).
+        swap_blocks: slots of host swap space for preempted requests' blocks (0: preempt by recompute).
     """
 
     def __init__(
@@ -101,6 +111,7 @@ class Scheduler:
         max_model_len: int | None = None,
         prefix_cache_seed: Hashable | None = None,
         sliding_window: int | None = None,
+        swap_blocks: int = 0,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"{max_num_seqs = } and {max_num_batched_tokens = } must both be >= 1")
@@ -119,6 +130,15 @@ class Scheduler:
         self.num_queried_tokens = 0  # tokens looked up in the prefix cache at admission
         self.num_cached_tokens = 0  # of those, tokens found (their K/V reused, not computed)
         self.num_forked_samples = 0
+        self.num_swap_blocks = swap_blocks
+        self.num_swapped_out_blocks = 0  # blocks copied to the swap space by preemptions
+        self.num_swapped_in_blocks = 0  # blocks copied back on readmission
+        self._swap_free = list(range(swap_blocks - 1, -1, -1))  # free swap slots (popped from the end)
+        # request_id -> (swap slots holding its blocks in order, its leading block ids given back to
+        # the sliding window: kept as they were, never read again)
+        self._swapped: dict[int, tuple[list[int], list[int]]] = {}
+        self._swap_out: list[tuple[int, int]] = []
+        self._swap_in: list[tuple[int, int]] = []
         self._copies: list[tuple[int, int]] = []
         self._registered_batch: ScheduledBatch | None = None
         self._forks: dict[int, list[Request]] = {}  # request_id -> samples waiting to fork from it
@@ -137,6 +157,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     @property
+    def num_swap_slots_used(self) -> int:
+        return self.num_swap_blocks - len(self._swap_free)
+
+    @property
     def num_waiting(self) -> int:
         """Sequences not running: queued (new or preempted) or waiting to fork from a running sample."""
         return len(self.waiting) + sum(len(samples) for samples in self._forks.values())
@@ -147,6 +171,7 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted = False
         self._copies = []
+        self._swap_out, self._swap_in = [], []
         in_flight: set[int] = set()  # prefix-cache keys of the full blocks this step computes
 
         i = 0
@@ -172,6 +197,16 @@ class Scheduler:
         # A preemption means the pool is tight: admitting new work now would only thrash.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.request_id in self._swapped:
+                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+                if not self._swap_in_blocks(request, num_new):
+                    break
+                self.waiting.popleft()
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+                scheduled.append(self._scheduled(request, num_new))
+                budget -= num_new
+                continue
             looked_up = self._take_cached_prefix(request)
             if looked_up and self._next_block_in_flight(request, in_flight):
                 # An earlier request computes this prompt's next block right now: admitting it now would
@@ -200,7 +235,14 @@ class Scheduler:
                 f"cannot schedule any request: {self.allocator.num_free}/{self.allocator.num_blocks} KV blocks "
                 f"free, {len(self.waiting)} waiting, {len(self.running)} running"
             )
-        return ScheduledBatch(tuple(scheduled), self.max_num_batched_tokens - budget, tuple(self._copies))
+        assert not (self._swap_out and self._swap_in), "a step that preempts admits nobody"
+        return ScheduledBatch(
+            tuple(scheduled),
+            self.max_num_batched_tokens - budget,
+            tuple(self._copies),
+            tuple(self._swap_out),
+            tuple(self._swap_in),
+        )
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         context_len = request.num_computed_tokens
@@ -333,19 +375,57 @@ class Scheduler:
             request.num_released_blocks = end
 
     def _preempt(self, request: Request) -> None:
-        """Drop the request's K/V; it is recomputed (prompt + generated tokens) when admitted again."""
-        self._free(request)
+        """Move the request's K/V to the swap space if they fit, else drop them to be recomputed (prompt +
+        generated tokens) when it is admitted again."""
         self.num_preemptions += 1
-        self.num_recomputed_tokens += request.num_computed_tokens
-        request.num_computed_tokens = 0
+        if not self._swap_out_blocks(request):
+            self._free(request)
+            self.num_recomputed_tokens += request.num_computed_tokens
+            request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
+
+    def _swap_out_blocks(self, request: Request) -> bool:
+        """Record copies of the request's blocks into free swap slots and free the blocks; False (nothing
+        done) without a swap space, or when they do not fit in it."""
+        released = request.num_released_blocks
+        blocks = request.block_ids[released:]
+        if not blocks or len(blocks) > len(self._swap_free):
+            return False
+        slots = [self._swap_free.pop() for _ in blocks]
+        self._swap_out.extend(zip(blocks, slots))
+        self._swapped[request.request_id] = (slots, request.block_ids[:released])
+        self.num_swapped_out_blocks += len(blocks)
+        self.allocator.free(blocks[::-1])
+        request.block_ids = []
+        request.num_registered_blocks = 0  # re-registered (if not cached meanwhile) once swapped in
+        return True
+
+    def _swap_in_blocks(self, request: Request, num_new: int) -> bool:
+        """Give a swapped-out request fresh blocks for its saved ones (recording the copies back) plus
+        what its next ``num_new`` tokens need; False (nothing taken) if the pool cannot."""
+        slots, released = self._swapped[request.request_id]
+        bs = self.block_size
+        end = -(-(request.num_computed_tokens + num_new) // bs)
+        held = len(released) + len(slots)
+        blocks = self.allocator.allocate(len(slots) + max(0, end - held))
+        if blocks is None:
+            return False
+        del self._swapped[request.request_id]
+        self._swap_in.extend(zip(slots, blocks))
+        self._swap_free.extend(slots)  # read by this step's swap-in, before any later swap-out
+        self.num_swapped_in_blocks += len(slots)
+        request.block_ids = released + blocks
+        return True
 
     def _free(self, request: Request) -> None:
         # Last block first: under LRU eviction a prefix's tail goes before its (more shared) head.
         self.allocator.free(request.block_ids[request.num_released_blocks :][::-1])
         request.block_ids = []
         request.num_registered_blocks = request.num_released_blocks = 0
+        swapped = self._swapped.pop(request.request_id, None)
+        if swapped is not None:  # aborted while swapped out
+            self._swap_free.extend(swapped[0])
 
     # ---- update ------------------------------------------------------------------------------
     def update(

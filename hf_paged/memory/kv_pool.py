@@ -92,6 +92,9 @@ class KVPool:
         self.kv = torch.zeros(shape, dtype=FP8_DTYPE if fp8 else layout.dtype, device=layout.device)
         self.scales = torch.zeros(shape[:-1], dtype=torch.float32, device=layout.device) if fp8 else None
         self.allocator = BlockAllocator(num_blocks)
+        # Host copies of preempted requests' blocks (see allocate_swap); None without a swap space.
+        self.swap_kv: torch.Tensor | None = None
+        self.swap_scales: torch.Tensor | None = None
 
     @classmethod
     def create(cls, options: PoolOptions, layout: KVLayout) -> "KVPool":
@@ -131,6 +134,45 @@ class KVPool:
             out.append(rows.to(self.layout.dtype))
         return out[0], out[1]
 
+    @property
+    def bytes_per_block(self) -> int:
+        return self.layout.bytes_per_block(self.block_size, self.kv_cache_dtype)
+
+    def allocate_swap(self, num_blocks: int) -> None:
+        """Host memory for ``num_blocks`` blocks of every layer, slot-major (``[slot, layer, 0 | 1, offset,
+        kv_head, head_dim]``: a run of consecutive slots is one contiguous copy), pinned when the pool is
+        on CUDA so copies run at full PCIe speed; ``swap_out``/``swap_in`` address it by slot."""
+        pin = self.kv.is_cuda
+        shape = (num_blocks, self.kv.shape[0], self.kv.shape[1], *self.kv.shape[3:])
+        self.swap_kv = torch.zeros(shape, dtype=self.kv.dtype, pin_memory=pin)
+        if self.scales is not None:
+            self.swap_scales = torch.zeros(shape[:-1], dtype=torch.float32, pin_memory=pin)
+
+    def swap_out(self, blocks: list[int], slots: list[int]) -> None:
+        """Copy pool ``blocks`` to swap ``slots`` (every layer, K and V, FP8 scales). Returns once the host
+        holds them, so the blocks may be overwritten right after."""
+        b = torch.tensor(blocks, dtype=torch.long, device=self.kv.device)
+        for pool, swap in ((self.kv, self.swap_kv), (self.scales, self.swap_scales)):
+            if pool is not None:
+                rows = _raw(pool).index_select(2, b).movedim(2, 0)  # [n, layers, 2, ...] (a gather)
+                run = _consecutive(slots)
+                if run is not None:  # one device -> host copy straight into the swap space
+                    _raw(swap)[run].copy_(rows)
+                else:
+                    _raw(swap).index_copy_(0, torch.tensor(slots, dtype=torch.long), rows.cpu())
+
+    def swap_in(self, slots: list[int], blocks: list[int]) -> None:
+        """Copy swap ``slots`` into pool ``blocks``. The copies are queued on the device's stream; every
+        later write to the swap space (``swap_out``) waits for that stream first."""
+        b = torch.tensor(blocks, dtype=torch.long, device=self.kv.device)
+        for pool, swap in ((self.kv, self.swap_kv), (self.scales, self.swap_scales)):
+            if pool is not None:
+                run = _consecutive(slots)
+                rows = _raw(swap)[run] if run is not None else _raw(swap).index_select(0, torch.tensor(slots))
+                if pool.is_cuda and not rows.is_pinned():
+                    rows = rows.pin_memory()
+                _raw(pool).index_copy_(2, b, rows.to(pool.device, non_blocking=True).movedim(0, 2))
+
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy whole blocks in every layer (copy-on-write of a shared, partly filled block)."""
         if not src:
@@ -138,11 +180,22 @@ class KVPool:
         device = self.kv.device
         s = torch.tensor(src, dtype=torch.long, device=device)
         d = torch.tensor(dst, dtype=torch.long, device=device)
-        # (float8 has no CPU index_copy_: copy the bytes)
-        raw = self.kv.view(torch.uint8) if self.kv.dtype == FP8_DTYPE else self.kv
+        raw = _raw(self.kv)
         raw.index_copy_(2, d, raw.index_select(2, s))
         if self.scales is not None:
             self.scales.index_copy_(2, d, self.scales.index_select(2, s))
+
+
+def _consecutive(slots: list[int]) -> slice | None:
+    """``slots`` as a slice when they are consecutive ascending (the common case), else None."""
+    if slots and slots[-1] - slots[0] == len(slots) - 1 and slots == list(range(slots[0], slots[-1] + 1)):
+        return slice(slots[0], slots[-1] + 1)
+    return None
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """float8 as bytes (CPU torch has no index_copy_ for float8); other dtypes as they are."""
+    return t.view(torch.uint8) if t.dtype == FP8_DTYPE else t
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str, device: torch.device) -> None:
