@@ -128,7 +128,7 @@ def run_offline(model, prompts, params, options) -> RunResult:
     results = gen.generate(prompts, params)
     wall = time.perf_counter() - t0
     records = [RequestRecord(0.0, r.ttft_s, r.latency_s, len(r.token_ids)) for r in results]
-    del gen
+    gen.close()  # the engine runs next and sizes its own pool from the free memory
     return RunResult("hf_paged ContinuousGenerator (offline)", math.inf, records, wall)
 
 

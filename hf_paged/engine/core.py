@@ -317,8 +317,15 @@ class EngineCore:
         self.scheduler.add(first, group.requests[1:])
         self.counters.requests_added += 1
         self.counters.prompt_tokens += first.prompt_len * len(group.requests)
+        self.prepare([group])
+
+    def prepare(self, groups: Sequence[RequestGroup]) -> None:
+        """Size the decode graphs for the longest of these requests (a recapture only when they outgrow
+        the graphs): a caller that knows all its requests up front calls this once, before adding them."""
         cap = self.max_model_len or (1 << 30)
-        self.runner.prepare(min(cap, first.prompt_len + first.params.max_new_tokens))
+        longest = max((g.requests[0].prompt_len + g.requests[0].params.max_new_tokens for g in groups), default=0)
+        if longest:
+            self.runner.prepare(min(cap, longest))
 
     def check_weights_unchanged(self) -> None:
         """Cached K/V were computed by the weights of the time: drop them if the weights changed since.

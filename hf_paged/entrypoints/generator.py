@@ -132,6 +132,7 @@ class ContinuousGenerator:
         self._base = self.core.stats()
         # A non-blocking acquire makes "is a run in progress?" and "start one" one atomic step.
         self._busy = threading.Lock()
+        self._closed = False
 
     @property
     def pool(self):
@@ -167,6 +168,15 @@ class ContinuousGenerator:
         ``dataclasses.replace(gen.default_sampling_params(), max_new_tokens=64)``."""
         return self.core.default_sampling_params()
 
+    def close(self) -> None:
+        """Give the KV pool's memory back now (the generator is unusable afterwards)."""
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("cannot close while a generate()/stream() runs")
+        try:
+            self.core.close()
+        finally:
+            self._busy.release()
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (the next requests compute their prompts in full)."""
         if not self._busy.acquire(blocking=False):
@@ -175,6 +185,24 @@ class ContinuousGenerator:
             self.pool.allocator.clear_cache()
         finally:
             self._busy.release()
+
+    def close(self) -> None:
+        """Free the KV pool (and, for a tensor-parallel model, release the other ranks' ``run_worker``).
+        Idempotent; the generator cannot run afterwards. Also ``with ContinuousGenerator(...) as gen:``."""
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("cannot close a ContinuousGenerator while a generate()/stream() runs")
+        try:
+            if not self._closed:
+                self._closed = True
+                self.core.close()
+        finally:
+            self._busy.release()
+
+    def __enter__(self) -> "ContinuousGenerator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ---- public API ------------------------------------------------------------------------------
     def generate(
@@ -232,6 +260,9 @@ class ContinuousGenerator:
         """Step until every request finishes, yielding the requests that got a token each step."""
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("this ContinuousGenerator is already running a generate()/stream(); finish it first")
+        if self._closed:
+            self._busy.release()
+            raise RuntimeError("this ContinuousGenerator is closed")
         try:
             core = self.core
             core.check_weights_unchanged()
@@ -243,6 +274,7 @@ class ContinuousGenerator:
             profile = self._stats.profile = core.profile = StepProfile(core.device) if self.options.profile else None
             bar = _progress_bar(sum(len(g.requests) for g in groups), self.options.progress)
             try:
+                core.prepare(groups)  # one graph capture for the whole run, not one per longer request
                 for group in groups:
                     core.add(group)
                 while core.has_unfinished():
