@@ -168,15 +168,6 @@ class ContinuousGenerator:
         ``dataclasses.replace(gen.default_sampling_params(), max_new_tokens=64)``."""
         return self.core.default_sampling_params()
 
-    def close(self) -> None:
-        """Give the KV pool's memory back now (the generator is unusable afterwards)."""
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError("cannot close while a generate()/stream() runs")
-        try:
-            self.core.close()
-        finally:
-            self._busy.release()
-
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (the next requests compute their prompts in full)."""
         if not self._busy.acquire(blocking=False):
