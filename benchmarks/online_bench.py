@@ -79,6 +79,11 @@ class RunResult:
         }
 
 
+def longest(prompts, k: int = 8):
+    """The k longest prompts: a warm-up with them captures decode graphs wide enough for every request."""
+    return sorted(prompts, key=len)[-k:]
+
+
 def arrivals(n: int, rate: float, seed: int) -> list[float]:
     if math.isinf(rate):
         return [0.0] * n
@@ -122,7 +127,7 @@ async def drive_engine(engine: AsyncEngine, prompts, offsets, params) -> RunResu
 
 def run_offline(model, prompts, params, options) -> RunResult:
     gen = ContinuousGenerator(model, progress=False, **options)
-    gen.generate(prompts[: min(8, len(prompts))], params)  # warm-up: graphs, kernels
+    gen.generate(longest(prompts), params)  # warm-up: kernels, and graphs as wide as the real run's
     gen.reset_prefix_cache()
     t0 = time.perf_counter()
     results = gen.generate(prompts, params)
@@ -225,7 +230,7 @@ def main(argv=None) -> int:
     async def engine_runs():
         out = []
         async with AsyncEngine(model, **options) as engine:
-            warm = await drive_engine(engine, prompts[:8], [0.0] * 8, params)  # graphs, kernels
+            warm = await drive_engine(engine, longest(prompts), [0.0] * 8, params)  # kernels, full-width graphs
             del warm
             for rate in rates:
                 engine.core.pool.allocator.clear_cache()  # no prefix hits across rates
