@@ -278,7 +278,12 @@ def main() -> int:
           f"({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'})", flush=True)
     for name, fn in (("kv", section_kv), ("swap", section_swap), ("weights", section_weights)):
         if name not in args.skip:
-            fn(model, args, rows)
+            try:
+                fn(model, args, rows)
+            except Exception as e:  # one failing section (say, FP8 weights on an older transformers) keeps the rest
+                print(f"[{name}] FAILED: {type(e).__name__}: {e}", flush=True)
+                rows.append(dict(section=name, label=f"{name}:FAILED {type(e).__name__}"))
+                free_memory(args.device)
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
