@@ -115,3 +115,17 @@ def test_bad_swap_options(options, match):
     model, _ = model_and_refs("llama")
     with pytest.raises(ValueError, match=match):
         ContinuousGenerator(model, num_blocks=6, progress=False, **options)
+
+
+def test_server_flags_reach_the_engine_options():
+    import argparse
+
+    from hf_paged.options import EngineOptions
+    from hf_paged.server.main import add_serve_arguments, engine_options
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["--kv-cache-dtype", "fp8", "--preemption-mode", "swap", "--swap-space-gb", "2.5"])
+    options = EngineOptions(**engine_options(args))
+    assert (options.kv_cache_dtype, options.preemption_mode, options.swap_space_gb) == ("fp8", "swap", 2.5)
+    assert EngineOptions(**engine_options(parser.parse_args([]))).preemption_mode == "recompute"

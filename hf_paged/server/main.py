@@ -44,11 +44,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--no-cuda-graphs", action="store_true")
     engine.add_argument("--no-prefix-caching", action="store_true")
     engine.add_argument("--fuse-elementwise", action="store_true")
+    engine.add_argument("--kv-cache-dtype", choices=["auto", "fp8"],
+                        help="fp8: K/V stored as float8 e4m3 with a scale per token and KV head (~1.9x the tokens)")
+    engine.add_argument("--preemption-mode", choices=["recompute", "swap"],
+                        help="swap: preempted requests' K/V go to host memory and back instead of being recomputed")
+    engine.add_argument("--swap-space-gb", type=float, help="host memory for swapped-out K/V (default 4)")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "memory_fraction",
-             "cpu_memory_bytes", "backend")
+             "cpu_memory_bytes", "backend", "kv_cache_dtype", "preemption_mode", "swap_space_gb")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.no_cuda_graphs:
         options["cuda_graphs"] = False
