@@ -136,3 +136,15 @@ def test_defaults_come_from_the_models_generation_config():
     defaults = gen.default_sampling_params()
     assert (defaults.temperature, defaults.top_k, defaults.max_new_tokens) == (0.7, 7, 5)
     assert len(gen.generate([prompt], SamplingParams(max_new_tokens=9, temperature=0, ignore_eos=True))[0].token_ids) == 9
+
+
+def test_min_new_tokens_holds_back_the_models_eos_like_stock():
+    model = make_model("llama")
+    prompt = make_prompts()[2]
+    first = model.generate(torch.tensor([prompt]), max_new_tokens=1, do_sample=False)[0, -1].item()
+    model.generation_config.eos_token_id = first  # greedy decoding would stop at once
+    gen = new(model)
+    assert gen.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0))[0].token_ids == [first]
+    held = gen.generate([prompt], SamplingParams(max_new_tokens=8, min_new_tokens=4, temperature=0))[0]
+    stock = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=4, do_sample=False)[0, len(prompt) :]
+    assert held.token_ids == stock.tolist() and len(held.token_ids) >= 4

@@ -174,11 +174,12 @@ class EngineCore:
             options.backend,
             cuda_graphs=options.cuda_graphs,
             max_num_seqs=options.max_num_seqs,
+        # min_new_tokens holds these back (unless a request ignores EOS).
+        self.sampler = Sampler(vocab, device, eos_token_ids=self.eos_token_ids)
             fuse_elementwise=options.fuse_elementwise,
         )
         out_emb = model.get_output_embeddings()
         vocab = out_emb.weight.shape[0] if out_emb is not None else model.config.get_text_config().vocab_size
-        self.sampler = Sampler(vocab, device)
         self.num_embeddings = model.get_input_embeddings().weight.shape[0]
         self.max_model_len = max_model_len(model)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
