@@ -39,6 +39,9 @@ def test_greedy_left_padded_matches_stock(name):
             **batch, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_logits=True
         )
         pool = model._hf_paged_state.pool
+        # The returned cache keeps its blocks for its reader until released (or garbage collected).
+        assert pool.allocator.num_used == paged.past_key_values.num_blocks_used > 0
+        paged.past_key_values.release()
         assert pool.allocator.is_whole(), "blocks leaked after generate"
     finally:
         hf_paged.disable(model)

@@ -23,14 +23,17 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 if TYPE_CHECKING:
-    from .cache import PagedCache
+    from .cache import MaskedView, PagedCache
 
 # No "flash", "sdpa", "paged|" or "/" in the name: each of those triggers special handling in transformers.
 ATTENTION_NAME = "hf_paged"
 
 _ACTIVE_CACHE: ContextVar["PagedCache | None"] = ContextVar("hf_paged_active_cache", default=None)
-# id(config) -> the attention implementation the model had before enable(); the fallback target.
+# id(config) -> the attention implementation the model uses outside paged steps; the fallback target.
 _ORIGINAL_IMPL: dict[int, str] = {}
+# id(config) -> [users inside a switch, implementation to restore when the last one leaves].
+_CONFIG_USERS: dict[int, list] = {}
+_SWITCH_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -43,34 +46,47 @@ def active_cache(cache: "PagedCache") -> Iterator[None]:
 
 
 class ImplementationSwitch:
-    """Switches one model's attention to ``hf_paged`` while at least one user is inside (ref counted).
+    """Switches one model's attention to ``hf_paged`` while at least one user is inside.
 
-    Shared by ``enable``'s generate wrapper and ``ContinuousGenerator``, so concurrent users of one
-    model never restore the original implementation under each other's feet.
+    Shared by ``enable``'s generate wrapper and ``ContinuousGenerator``. The users are counted per
+    config object, not per model: models built from one config (an assisted-decoding test builds the
+    assistant from the main model's config) switch it together, and the implementation to restore is
+    read when its first user enters (so one set after ``enable``, say ``"eager"``, counts) and put back
+    when its last user leaves.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         # Every config an attention module reads its implementation from (text config, sub-configs).
         self.configs = list({id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values())
-        self.original = [c._attn_implementation for c in self.configs]
-        for config, name in zip(self.configs, self.original):
-            _ORIGINAL_IMPL[id(config)] = name
-        self.active = 0
-        self._lock = threading.Lock()
+        with _SWITCH_LOCK:
+            for config in self.configs:
+                if id(config) not in _CONFIG_USERS:  # else a running user already recorded it
+                    _ORIGINAL_IMPL[id(config)] = config._attn_implementation
+        self.active = 0  # users of this switch (a running generate, a generator step)
 
     def __enter__(self) -> None:
-        with self._lock:
-            if self.active == 0:
-                for config in self.configs:
+        with _SWITCH_LOCK:
+            for config in self.configs:
+                entry = _CONFIG_USERS.get(id(config))
+                if entry is None:
+                    name = config._attn_implementation
+                    if name == ATTENTION_NAME:  # never the user's choice while enabled
+                        name = _ORIGINAL_IMPL[id(config)]
+                    _ORIGINAL_IMPL[id(config)] = name
+                    entry = _CONFIG_USERS[id(config)] = [0, name]
                     config._attn_implementation_internal = ATTENTION_NAME
+                entry[0] += 1
             self.active += 1
 
     def __exit__(self, *exc: Any) -> None:
-        with self._lock:
+        with _SWITCH_LOCK:
             self.active -= 1
-            if self.active == 0:
-                for config, name in zip(self.configs, self.original):
-                    config._attn_implementation_internal = name
+            for config in self.configs:
+                entry = _CONFIG_USERS[id(config)]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del _CONFIG_USERS[id(config)]
+                    config._attn_implementation_internal = entry[1]
 
 
 def implementation_switch(model: torch.nn.Module) -> ImplementationSwitch:
@@ -102,20 +118,28 @@ def paged_attention_forward(
     softcap: float | None = None,
     s_aux: torch.Tensor | None = None,
     **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attend each row's queries ``[B, Hq, q, D]`` to that row's K/V in the pool.
 
     ``key``/``value`` are this step's new tokens, already written to the pool by ``PagedCache.update``.
-    IMPORTANT: this runs once per layer per step. No host syncs and no per-row Python here.
+    IMPORTANT: this runs once per layer per step. No host syncs and no per-row Python on the kernel path.
+    Steps the kernels cannot express exactly (masks other than left padding, attention weights asked
+    for, dropout in train mode) take ``masked_attention`` instead.
     """
     cache = _ACTIVE_CACHE.get()
     if cache is None:
         return _fallback(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap, s_aux, kwargs)
-    if dropout:
-        raise ValueError(f"hf_paged attention does not apply dropout (got dropout={dropout}); call model.eval() first")
-    step = cache.step
     cache.layer_windows[module.layer_idx] = sliding_window
     batch, heads, q_len, head_dim = query.shape
+    scale = head_dim**-0.5 if scaling is None else scaling
+    want_weights = bool(kwargs.get("output_attentions")) or cache.want_attention_weights
+    if want_weights or dropout or cache.needs_masked_attention(sliding_window):
+        out, weights = masked_attention(
+            query, cache.pool, module.layer_idx, cache.masked_view(), scale=scale, sliding_window=sliding_window,
+            softcap=softcap, sinks=s_aux, dropout=dropout, want_weights=want_weights,
+        )
+        return out, weights
+    step = cache.step
     q_tok = query.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
     k_cache, v_cache = cache.pool.layer(module.layer_idx)
     k_scale, v_scale = cache.pool.layer_scales(module.layer_idx)  # None unless the pool is FP8
@@ -124,7 +148,7 @@ def paged_attention_forward(
         k_cache,
         v_cache,
         step,
-        scale=head_dim**-0.5 if scaling is None else scaling,
+        scale=scale,
         sliding_window=sliding_window,
         softcap=softcap,
         sinks=s_aux,
@@ -133,6 +157,88 @@ def paged_attention_forward(
         v_scale=v_scale,
     )
     return out.view(batch, q_len, heads, head_dim), None
+
+
+# Most logits the masked path materialises at once (32 M elements).
+_MASKED_MAX_ELEMENTS = 1 << 25
+
+
+def masked_attention(
+    query: torch.Tensor,  # [B, Hq, q, D]
+    pool: Any,
+    layer_idx: int,
+    view: "MaskedView",
+    *,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    dropout: float = 0.0,
+    want_weights: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention with an explicit per-query key mask, in logical columns, plus the weights if asked.
+
+    Query column ``c`` of row ``b`` sees the row's stored tokens at columns ``<= c`` (and ``> c -
+    sliding_window``), which is what stock attention's causal-and-padding mask lets it see: padding
+    columns are never stored, and a padding query still sees the tokens before it. A query that sees
+    nothing (leading padding) gets zeros. Weights come back as ``[B, Hq, q, logical_len]``, zero on
+    columns that hold no token, like stock eager attention's (a sliding-window layer's cover only the
+    columns stock's sliding cache layer keeps). Computes in float64 for float64 queries, float32
+    otherwise; rows are processed in pieces so the logits stay bounded.
+    """
+    batch, num_q_heads, q_len, head_dim = query.shape
+    slots, key_columns = view.slots, view.key_columns  # [B, K]
+    width = slots.shape[1]
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q_cols = view.query_columns.view(1, q_len, 1)
+    visible = key_columns.unsqueeze(1) <= q_cols  # [B, q, K]
+    if sliding_window is not None:
+        visible &= q_cols - key_columns.unsqueeze(1) < sliding_window
+    out = torch.empty((batch, q_len, num_q_heads, head_dim), dtype=query.dtype, device=query.device)
+    weights = None
+    if want_weights:
+        # One spare column takes the padding entries' weights (always 0) and is cut off at the end.
+        weights = torch.zeros((batch, num_q_heads, q_len, view.total_len + 1), dtype=query.dtype, device=query.device)
+    rows_per_piece = max(1, _MASKED_MAX_ELEMENTS // max(1, num_q_heads * q_len * width))
+    for b0 in range(0, batch, rows_per_piece):
+        b1 = min(batch, b0 + rows_per_piece)
+        n = b1 - b0
+        k, v = pool.read_dense(layer_idx, slots[b0:b1].reshape(-1))  # [n*K, Hkv, D]
+        num_kv_heads = k.shape[1]
+        group = num_q_heads // num_kv_heads
+        k = k.view(n, width, num_kv_heads, head_dim).to(compute)
+        v = v.view(n, width, num_kv_heads, head_dim).to(compute)
+        q = query[b0:b1].to(compute).view(n, num_kv_heads, group, q_len, head_dim)
+        logits = torch.einsum("bhgqd,bkhd->bhgqk", q, k) * scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        logits = logits.masked_fill(~visible[b0:b1].view(n, 1, 1, q_len, width), float("-inf"))
+        if sinks is not None:  # one more logit per head, in the denominator only
+            sink = sinks.to(compute).view(1, num_kv_heads, group, 1, 1).expand(n, -1, -1, q_len, 1)
+            logits = torch.cat([logits, sink], dim=-1)
+        m = logits.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # queries that see nothing
+        e = torch.exp(logits - m)
+        denom = e.sum(dim=-1, keepdim=True)
+        probs = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+        if sinks is not None:
+            probs = probs[..., :-1]
+        if dropout:
+            probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+        o = torch.einsum("bhgqk,bkhd->bqhgd", probs, v)
+        out[b0:b1] = o.reshape(n, q_len, num_q_heads, head_dim).to(query.dtype)
+        if weights is not None:
+            target = key_columns[b0:b1].clamp(max=view.total_len)  # padding entries -> the spare column
+            index = target.view(n, 1, 1, width).expand(n, num_q_heads, q_len, width)
+            weights[b0:b1].scatter_(3, index, probs.reshape(n, num_q_heads, q_len, width).to(query.dtype))
+    if weights is not None:
+        weights = weights[..., : view.total_len]
+        if sliding_window is not None:
+            # Stock sliding-window layers hand their attention the last window-1 cached columns plus the
+            # step's own; the weights cover those columns (earlier ones are outside every query's window).
+            past = view.total_len - q_len
+            weights = weights[..., past - min(past, sliding_window - 1) :]
+    return out, weights
 
 
 # Head dims the Triton kernel is built for; other models (rare) take the torch path on every device.

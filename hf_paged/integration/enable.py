@@ -9,6 +9,11 @@ What ``enable`` changes, all on the one model instance and all undone by ``disab
 - a ``cache_implementation`` in the checkpoint's generation config is cleared (it would conflict
   with a user-supplied cache).
 
+Each call reads the generation options the way ``generate`` does (call keywords, a passed
+``generation_config``, then the model's stored one): an explicit cache choice (``past_key_values``,
+``cache_implementation``, ``use_cache=False``), also one stored after ``enable``, runs unpaged exactly
+as stock. A fresh call first checks that its prompts plus ``max_new_tokens`` fit the pool.
+
 Nothing else changes: a plain ``model(...)`` (training included) never sees a ``PagedCache``, so it
 runs the original attention even while a ``generate`` on the same model runs in another thread.
 """
@@ -28,7 +33,7 @@ from typing import Any
 import torch
 
 from . import attention, tensor_parallel
-from .cache import PagedCache
+from .cache import PagedCache, PoolBudget
 from ..memory.kv_pool import KVLayout, KVPool
 from ..options import EnableOptions, from_kwargs
 
@@ -61,15 +66,14 @@ class _EnableState:
     hooks: list[Any] = field(default_factory=list)
     pool: KVPool | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    warned_training: bool = False
     tp_group: Any = None  # tensor-parallel model: its ranks agree on one pool size
 
     def get_pool(self, layout: KVLayout) -> KVPool:
         with self.lock:
             if self.pool is not None and self.pool.layout != layout:
-                if self.pool.allocator.num_used:
-                    raise RuntimeError(
-                        f"the model's KV layout changed from {self.pool.layout} to {layout} while a generate is running"
-                    )
+                # The model changed dtype or device. Caches still holding blocks (a running generate, a
+                # returned cache) keep the old pool alive through their own reference until they go.
                 self.pool = None
             if self.pool is None:
                 options = tensor_parallel.agreed_pool_options(self.options.pool(), layout, self.tp_group)
@@ -164,44 +168,99 @@ def disable(model: torch.nn.Module) -> torch.nn.Module:
         handle.remove()
     if "generate" in vars(model):
         del model.generate
-    if state.original_cache_implementation is not None:
-        model.generation_config.cache_implementation = state.original_cache_implementation
+    # Restore a checkpoint's cache_implementation, unless one was set after enable (that one stays).
+    gen_config = getattr(model, "generation_config", None)
+    if state.original_cache_implementation is not None and getattr(gen_config, "cache_implementation", None) is None:
+        gen_config.cache_implementation = state.original_cache_implementation
     state.pool = None
     delattr(model, _STATE_ATTR)
     return model
 
 
+def _setting(model: torch.nn.Module, kwargs: dict, name: str, default: Any = None) -> Any:
+    """A generation option as ``generate`` resolves it: the call's keyword, else a ``generation_config``
+    passed to the call, else the model's stored generation config (read at every call, so a change made
+    after ``enable`` counts), else ``default``."""
+    if name in kwargs:
+        value = kwargs[name]
+    else:
+        value = getattr(kwargs.get("generation_config"), name, None)
+        if value is None:
+            value = getattr(getattr(model, "generation_config", None), name, None)
+    return default if value is None else value
+
+
+def _explicit_cache_choice(model: torch.nn.Module, kwargs: dict) -> str | None:
+    """Why this call must run unpaged (the caller chose a cache, or none), or None."""
+    if kwargs.get("past_key_values") is not None:
+        return "a past_key_values cache was passed"
+    if _setting(model, kwargs, "use_cache", True) is False:
+        return "use_cache is False"
+    implementation = _setting(model, kwargs, "cache_implementation")
+    if implementation is not None:
+        return f"cache_implementation={implementation!r} was chosen"
+    return None
+
+
+def _prompt_columns(args: tuple, kwargs: dict) -> int:
+    for candidate in (args[0] if args else None, kwargs.get("inputs"), kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(candidate, torch.Tensor) and candidate.dim() >= 2:
+            return int(candidate.shape[1])
+    return 0
+
+
+def _budget(model: torch.nn.Module, args: tuple, kwargs: dict) -> PoolBudget:
+    columns = _prompt_columns(args, kwargs)
+    new = _setting(model, kwargs, "max_new_tokens")
+    if new is None:
+        new = max(0, int(_setting(model, kwargs, "max_length", 20)) - columns)
+    beams = int(_setting(model, kwargs, "num_beams", 1)) > 1
+    return PoolBudget(max_new_tokens=int(new), prompt_columns=columns, beams=beams)
+
+
 def _paged_generate(model: torch.nn.Module, original_generate: Any, *args: Any, **kwargs: Any) -> Any:
     state: _EnableState = getattr(model, _STATE_ATTR)
+    if model.training and not state.warned_training:
+        state.warned_training = True
+        logger.warning(
+            "hf_paged: %s is in training mode, so generate runs with dropout; call model.eval() first "
+            "unless that is what you want",
+            type(model).__name__,
+        )
     user_cache = kwargs.get("past_key_values")
-    gen_config = kwargs.get("generation_config")
     if isinstance(user_cache, PagedCache):
+        # A cache returned by an earlier call (or transformers passing an assistant's cache back in).
+        user_cache.begin_call()
         with state.paged_implementation():
             return original_generate(*args, **kwargs)
-    if (
-        user_cache is not None
-        or kwargs.get("use_cache") is False
-        or kwargs.get("cache_implementation") is not None
-        or getattr(gen_config, "cache_implementation", None) is not None
-        or getattr(gen_config, "use_cache", True) is False
-    ):
-        # The caller chose a cache (or none) explicitly: respect it, unpaged.
-        logger.info("hf_paged: an explicit cache choice was passed to generate; running it unpaged")
+    reason = _explicit_cache_choice(model, kwargs)
+    if reason is not None:
+        # Respect the caller's choice, unpaged, exactly as stock generate would run it.
+        logger.info("hf_paged: %s; running this generate unpaged", reason)
         return original_generate(*args, **kwargs)
+    kwargs.pop("past_key_values", None)  # an explicit None
     cache = PagedCache(
         state.num_layers, state.get_pool, dense=not state.uses_interface, backend=state.options.backend
     )
+    cache.begin_call(_budget(model, args, kwargs))
     try:
         with state.paged_implementation():
-            return original_generate(*args, past_key_values=cache, **kwargs)
-    finally:
+            output = original_generate(*args, past_key_values=cache, **kwargs)
+    except BaseException:
         cache.release()
+        raise
+    # A returned cache (return_dict_in_generate=True) keeps its blocks for its reader; the others go
+    # back now. A returned one releases them when it is garbage collected or on cache.release().
+    if getattr(output, "past_key_values", None) is not cache:
+        cache.release()
+    return output
 
 
 def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     cache = kwargs.get("past_key_values")
     if isinstance(cache, PagedCache):
         cache.begin_forward(kwargs.get("attention_mask"), kwargs.get("input_ids"))
+        cache.want_attention_weights = bool(kwargs.get("output_attentions"))
         cache._context_token = attention._ACTIVE_CACHE.set(cache)
 
 
