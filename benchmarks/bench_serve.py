@@ -149,7 +149,7 @@ async def send(client, url: str, body: dict, prompt_tokens: int, chat: bool, tim
         out.output_tokens = chunks
     out.ok = out.ttft_s is not None
     if not out.ok:
-        out.error = "no text was streamed"
+        out.error = f"no text was streamed (usage: {usage})"
     return out
 
 
@@ -442,7 +442,12 @@ def main_save_model(args) -> int:
     from hf_paged.entrypoints.bench import build_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(args.shape, device, getattr(torch, args.dtype))
+    if args.shape == "default":  # the embedded default model (CPU-sized), as `hf-paged serve` builds it
+        from hf_paged.entrypoints.demo import load_model
+
+        model, _ = load_model(None, device, getattr(torch, args.dtype))
+    else:
+        model = build_model(args.shape, device, getattr(torch, args.dtype))
     # Fixed-length outputs for every server: no end-of-sequence token ends a request early.
     model.generation_config.eos_token_id = None
     model.config.eos_token_id = None
@@ -453,7 +458,7 @@ def main_save_model(args) -> int:
     tokenizer = json.loads(folder.joinpath("tokenizer.json").read_text())
     pad_vocab(tokenizer, model.get_output_embeddings().weight.shape[0])
     (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
-    print(f"wrote {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
+    print(f"wrote {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e6:,.0f} M parameters, "
           f"{args.dtype}) with the embedded tokenizer to {out}")
     return 0
 
@@ -495,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--repeats", type=int, default=2)
     off.add_argument("--out")
     save = sub.add_parser("save-model", help="save a random-weight shape with the embedded tokenizer")
-    save.add_argument("--shape", default="llama-8b", help="tiny | llama-1b | llama-8b")
+    save.add_argument("--shape", default="llama-8b", help="llama-1b | llama-8b | default (the embedded CPU-sized model)")
     save.add_argument("--dtype", default="bfloat16")
     save.add_argument("--out", required=True)
     return parser

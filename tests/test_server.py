@@ -449,3 +449,27 @@ def test_sigterm_finishes_in_flight_then_exits_0(guarded):
     assert guarded.proc.wait(timeout=TIMEOUT) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(guarded.url + "/health", timeout=5)
+
+
+def test_load_generator(server, tmp_path, monkeypatch):
+    """benchmarks/bench_serve.py against the live server: every request completes with the asked lengths."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks" / "bench_serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_serve", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    out = tmp_path / "run.json"
+    argv = ["run", "--base-url", server.url, "--tokenizer", str(ROOT / "hf_paged" / "default_model"), "--num-prompts", "6",
+            "--input-len", "8:24", "--output-len", "5", "--rates", "40,inf", "--ignore-eos", "--warmup", "1",
+            "--goodput", "ttft:60000,tpot:60000", "--out", str(out), "--fail-on-error"]
+    assert bench.main(argv) == 0
+    record = json.loads(out.read_text())
+    _, lengths = bench.make_prompts(6, (8, 24), 0, str(ROOT / "hf_paged" / "default_model"), None)
+    for row in record["rows"]:
+        assert (row["sent"], row["completed"], row["output_tokens"]) == (6, 6, 30)
+        assert row["prompt_tokens"] == sum(lengths) + 6  # exact prompt lengths, plus each prompt's BOS
+        assert row["goodput_req_per_s"] == pytest.approx(row["req_per_s"])
+        assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] and row["itl_p50_ms"] > 0
+    with pytest.raises(SystemExit, match="127.0.0.1"):
+        bench.main(["run", "--base-url", "http://example.com:8000", "--vocab-size", "100"])
