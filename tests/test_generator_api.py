@@ -148,3 +148,43 @@ def test_min_new_tokens_holds_back_the_models_eos_like_stock():
     held = gen.generate([prompt], SamplingParams(max_new_tokens=8, min_new_tokens=4, temperature=0))[0]
     stock = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=4, do_sample=False)[0, len(prompt) :]
     assert held.token_ids == stock.tolist() and len(held.token_ids) >= 4
+
+
+@pytest.mark.parametrize("budget", [8192, 7])  # whole prompts, or chunks of 7 tokens across steps
+def test_prompt_logprobs_equal_a_plain_forward(budget):
+    model = model_and_refs("llama")[0]
+    prompts = make_prompts()[:4]
+    gen = new(model, max_num_batched_tokens=budget)
+    gen.generate(prompts[:2], SamplingParams(max_new_tokens=2, temperature=0))  # cached prefixes must not be used
+    params = SamplingParams(max_new_tokens=3, temperature=0, prompt_logprobs=2)
+    results = gen.generate(prompts, [params, SamplingParams(max_new_tokens=3, temperature=0)] * 2)
+    for i, (res, prompt) in enumerate(zip(results, prompts)):
+        if i % 2:
+            assert res.prompt_logprobs is None
+            continue
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), dim=-1)
+        got = res.prompt_logprobs
+        assert len(got) == len(prompt) and got[0] is None
+        for p in range(1, len(prompt)):
+            entry = got[p]
+            assert entry.token_id == prompt[p]
+            assert entry.logprob == pytest.approx(ref[p - 1, prompt[p]].item(), abs=1e-9)
+            top = ref[p - 1].topk(2)
+            assert [t for t, _ in entry.top] == top.indices.tolist()
+    assert gen.pool.allocator.is_whole()
+
+
+def test_prompt_logprobs_survive_preemption_and_stream_once():
+    model = model_and_refs("llama")[0]
+    prompts = make_prompts()
+    params = SamplingParams(max_new_tokens=20, temperature=0, prompt_logprobs=0)
+    calm = new(model).generate(prompts, params)
+    tight = new(model, num_blocks=9)
+    squeezed = tight.generate(prompts, params)
+    assert tight.stats.preemptions > 0
+    for a, b in zip(calm, squeezed):
+        assert [e and (e.token_id, round(e.logprob, 9)) for e in a.prompt_logprobs] == [
+            e and (e.token_id, round(e.logprob, 9)) for e in b.prompt_logprobs
+        ]
+    events = [e for e in new(model).stream(prompts[:2], params) if e.prompt_logprobs is not None]
+    assert [len(e.prompt_logprobs) for e in events] == [len(p) for p in prompts[:2]]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import itertools
 import threading
 import time
@@ -390,10 +391,7 @@ def _with_text(event: StreamEvent, detok: IncrementalDetokenizer, chars_sent: li
         detok.flush()
     text = detok.text[chars_sent[event.sample] :]
     chars_sent[event.sample] = len(detok.text)
-    return StreamEvent(
-        event.index, event.sample, event.token_ids, text, event.finished, event.finish_reason,
-        request_id=event.request_id, logprobs=event.logprobs, num_prompt_tokens=event.num_prompt_tokens,
-    )
+    return dataclasses.replace(event, text=text)
 
 
 def _shutdown_at_exit(ref: "weakref.ref[AsyncEngine]") -> None:

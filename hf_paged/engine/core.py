@@ -29,11 +29,11 @@ from typing import Any
 import torch
 
 from ..integration.enable import uses_attention_interface
-from ..memory.kv_pool import KVPool
 from ..options import EngineOptions
-from .model_runner import ModelRunner, kv_layout_from_config, max_model_len
+from .distributed import make_pool_and_runner
+from .model_runner import kv_layout_from_config, max_model_len
 from .profile import StepProfile
-from .request import IncrementalDetokenizer, Request, RequestStatus, StreamEvent
+from .request import IncrementalDetokenizer, Request, RequestStatus, StreamEvent, TokenLogprobs
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -113,6 +113,13 @@ class EngineStats:
 
 
 @dataclass(frozen=True, slots=True)
+class _PromptLogprobRows:
+    rows: list[int]  # packed token indices
+    targets: list[int]  # the prompt token each row's logits predict
+    owners: list[Request]
+
+
+@dataclass(frozen=True, slots=True)
 class StepResult:
     advanced: list[Request]  # requests that got a token this step, or were aborted / finished
     finished: list[RequestGroup]  # user requests whose last sample ended this step
@@ -167,22 +174,15 @@ class EngineCore:
         # PreTrainedModel.dtype / .device: the first floating-point parameter's, i.e. the activations'.
         dtype, device = getattr(model, "dtype", param.dtype), getattr(model, "device", param.device)
         self.device = torch.device(device)
-        self.pool = KVPool.create(options.pool(), kv_layout_from_config(model, dtype, device))
-        self.runner = ModelRunner(
-            model,
-            self.pool,
-            options.backend,
-            cuda_graphs=options.cuda_graphs,
-            max_num_seqs=options.max_num_seqs,
-        # min_new_tokens holds these back (unless a request ignores EOS).
-        self.sampler = Sampler(vocab, device, eos_token_ids=self.eos_token_ids)
-            fuse_elementwise=options.fuse_elementwise,
-        )
+        # A tensor-parallel model (rank 0) gets a runner that sends each step to the other ranks first.
+        self.pool, self.runner = make_pool_and_runner(model, options, kv_layout_from_config(model, dtype, device))
         out_emb = model.get_output_embeddings()
         vocab = out_emb.weight.shape[0] if out_emb is not None else model.config.get_text_config().vocab_size
         self.num_embeddings = model.get_input_embeddings().weight.shape[0]
         self.max_model_len = max_model_len(model)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
+        # min_new_tokens holds these back (unless a request ignores EOS).
+        self.sampler = Sampler(vocab, device, eos_token_ids=self.eos_token_ids)
         # Cached K/V are named by the model that computed them; the pool belongs to this core and model,
         # so the seed only has to change when the weights do (see check_weights_unchanged).
         self._prefix_seed = (type(model).__name__, id(model), str(dtype))
@@ -203,18 +203,12 @@ class EngineCore:
         self.profile: StepProfile | None = None
         self._next_request_id = 0
         self._groups: dict[int, RequestGroup] = {}  # request_id of every unfinished sample -> its group
+        self._num_prompt_logprobs = 0  # unfinished requests that want prompt logprobs (0: skip the search)
 
     def _allocate_swap(self, options: EngineOptions) -> int:
-        """Swap slots for preemption by swapping (0: preempt by recompute)."""
-        if options.preemption_mode != "swap":
-            return 0
-        num = int(options.swap_space_gb * 2**30) // self.pool.bytes_per_block
-        if num < 1:
-            raise ValueError(
-                f"swap_space_gb={options.swap_space_gb} holds no KV block of {self.pool.bytes_per_block} bytes"
-            )
-        self.pool.allocate_swap(num)
-        return num
+        """Swap slots for preemption by swapping (0: preempt by recompute), allocated with the pool (every
+        tensor-parallel rank allocates the same, see ``distributed.make_pool_and_runner``)."""
+        return self.pool.swap_kv.shape[0] if options.preemption_mode == "swap" else 0
 
     # ---- inputs ----------------------------------------------------------------------------------
     def default_sampling_params(self) -> SamplingParams:
@@ -303,6 +297,7 @@ class EngineCore:
                     seed=base_seed + k,
                     arrival_time=now,
                     logprobs=[] if params.logprobs is not None else None,
+                    prompt_logprobs=[None] if params.prompt_logprobs is not None and k == 0 else None,
                     detokenizer=IncrementalDetokenizer(self.tokenizer, params.stop) if needs_text else None,
                 )
             )
@@ -312,6 +307,8 @@ class EngineCore:
     def add(self, group: RequestGroup) -> None:
         """Queue a user request; it joins the next step. Samples 1.. fork from sample 0's prompt."""
         first = group.requests[0]
+        if first.prompt_logprobs is not None:
+            self._num_prompt_logprobs += 1
         for r in group.requests:
             r.group = group
             self._groups[r.request_id] = group
@@ -357,10 +354,14 @@ class EngineCore:
                     group.first_scheduled_time = t1
             if profile:
                 profile.gpu_start()
-            logits = self.runner.execute(batch)
+            wanted = self._prompt_logprob_rows(batch) if self._num_prompt_logprobs else None
+            logits = self.runner.execute(batch, wanted.rows) if wanted else self.runner.execute(batch)
             scheduler.register_computed(batch)  # host work while the GPU runs the step
             t2 = time.perf_counter()
             sampling = [s.request for s in batch.sampling]
+            if wanted:
+                self._record_prompt_logprobs(logits[len(sampling) :], wanted)
+                logits = logits[: len(sampling)]
             if sampling:
                 out = self.sampler.sample(logits, self.sampler.prepare(sampling))
                 t3 = time.perf_counter()
@@ -384,8 +385,40 @@ class EngineCore:
                 self._finish(request, finished)
         return StepResult(advanced, finished)
 
+    def _prompt_logprob_rows(self, batch) -> "_PromptLogprobRows | None":
+        """Packed tokens of this step whose logits give prompt logprobs not recorded yet (position p
+        predicts prompt token p + 1)."""
+        rows, targets, owners = [], [], []
+        start = 0
+        for s in batch.requests:
+            r = s.request
+            if r.prompt_logprobs is not None:
+                # Positions already recorded (before a preemption) are skipped.
+                first = max(s.context_len, len(r.prompt_logprobs) - 1)
+                for p in range(first, min(s.seq_len, r.prompt_len - 1)):
+                    rows.append(start + p - s.context_len)
+                    targets.append(r.token_ids[p + 1])
+                    owners.append(r)
+            start += s.num_scheduled_tokens
+        return _PromptLogprobRows(rows, targets, owners) if rows else None
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, wanted: "_PromptLogprobRows") -> None:
+        """Log-softmax of the raw logits (no penalties, no temperature), the prompt token's value and the top k."""
+        lp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        targets = torch.tensor(wanted.targets, device=lp.device)
+        chosen = lp.gather(-1, targets[:, None])[:, 0]
+        k = min(max(r.params.prompt_logprobs for r in wanted.owners), lp.shape[-1])
+        top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], targets[:, None][:, :0])
+        host = torch.cat([chosen[:, None].double(), top_ids.double(), top_lp.double()], dim=1).tolist()
+        for row, target, r in zip(host, wanted.targets, wanted.owners):
+            want = r.params.prompt_logprobs
+            top = tuple((int(row[1 + j]), row[1 + k + j]) for j in range(min(want, k)))
+            r.prompt_logprobs.append(TokenLogprobs(target, row[0], top))
+
     def _finish(self, request: Request, finished: list[RequestGroup]) -> None:
         self.sampler.release(request)
+        if request.prompt_logprobs is not None:
+            self._num_prompt_logprobs -= 1
         group = self._groups.pop(request.request_id)
         group.num_finished += 1
         if group.finished:
@@ -418,12 +451,13 @@ class EngineCore:
             group.num_finished = len(group.requests)
             self.counters.finished[reason] = self.counters.finished.get(reason, 0) + 1
         self._groups.clear()
+        self._num_prompt_logprobs = 0
         return groups
 
     def close(self) -> None:
         """Abort everything and give the pool's memory back; the core is unusable afterwards."""
         self.abort_all()
-        self.runner.graphs = None
+        self.runner.close()  # tensor parallel: also releases the other ranks
         self.pool.kv = torch.empty(0, device=self.pool.kv.device)
         self.pool.scales = None  # FP8 pools' per-token scales
         self.pool.swap_kv = self.pool.swap_scales = None
@@ -444,6 +478,7 @@ class EngineCore:
             text = detok.text[request.num_streamed_chars : end]
             request.num_streamed_chars = max(end, request.num_streamed_chars)
         group = request.group
+        prompt_logprobs = request.prompt_logprobs if start == 0 and request.prompt_logprobs is not None else None
         return StreamEvent(
             request.index,
             request.sample,
@@ -454,6 +489,7 @@ class EngineCore:
             request_id=group.request_id if group is not None else None,
             logprobs=logprobs,
             num_prompt_tokens=request.prompt_len,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def text(self, request: Request) -> str | None:

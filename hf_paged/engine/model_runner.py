@@ -10,6 +10,8 @@ tiny dummy 4D ``attention_mask`` makes transformers return it as-is instead of b
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -41,6 +43,50 @@ def max_model_len(model: torch.nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    """One step as plain integers: what the runner computes, and what tensor parallelism sends from rank 0
+    to the other ranks (``distributed.py``).
+
+    Row ``b`` computes ``query_lens[b]`` tokens (its slice of ``input_ids``) ending at ``seq_lens[b]``,
+    through ``block_tables[b]``; ``samples[b]``: its last token's logits are returned.
+    """
+
+    input_ids: Sequence[int]  # [T] packed, row after row
+    query_lens: Sequence[int]  # [B]
+    seq_lens: Sequence[int]  # [B]
+    samples: Sequence[bool]  # [B]
+    block_tables: Sequence[Sequence[int]]  # [B][blocks of row b]
+    block_copies: Sequence[tuple[int, int]] = ()  # copy-on-write (src, dst), run before the forward
+    swap_out: Sequence[tuple[int, int]] = ()  # preemption by swapping: (block, swap slot), first of all
+    swap_in: Sequence[tuple[int, int]] = ()  # (swap slot, block), after swap_out
+    # Packed token indices whose logits are returned too, after the sampling rows (prompt logprobs).
+    extra_logit_rows: Sequence[int] = ()
+
+    @classmethod
+    def of(cls, batch: ScheduledBatch, extra_logit_rows: Sequence[int] = ()) -> "StepInputs":
+        requests = batch.requests
+        if all(s.num_scheduled_tokens == 1 for s in requests):  # decode steps: the common case, kept cheap
+            input_ids = [s.request.token_ids[s.context_len] for s in requests]
+            query_lens: Sequence[int] = [1] * len(requests)
+        else:
+            input_ids = []
+            for s in requests:
+                input_ids.extend(s.request.token_ids[s.context_len : s.context_len + s.num_scheduled_tokens])
+            query_lens = [s.num_scheduled_tokens for s in requests]
+        return cls(
+            input_ids=input_ids,
+            query_lens=query_lens,
+            seq_lens=[s.context_len + s.num_scheduled_tokens for s in requests],
+            samples=[s.samples for s in requests],
+            block_tables=[s.request.block_ids for s in requests],
+            block_copies=batch.block_copies,
+            swap_out=batch.swap_out,
+            swap_in=batch.swap_in,
+            extra_logit_rows=extra_logit_rows,
+        )
 
 
 class ModelRunner:
@@ -93,57 +139,62 @@ class ModelRunner:
             if self._layout_checked:  # capture needs a forward that already checked the layout
                 self.graphs.capture_all()
 
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Forward the step; returns ``[R, V]`` logits of the requests that sample, in batch order."""
-        if batch.swap_out:  # preemption by swapping: first, the forward may reuse the blocks
-            self.pool.swap_out(*map(list, zip(*batch.swap_out)))
-        if batch.swap_in:
-            self.pool.swap_in(*map(list, zip(*batch.swap_in)))
-        if batch.block_copies:  # copy-on-write, before anything writes the copies
-            src, dst = zip(*batch.block_copies)
+    def execute(self, batch: ScheduledBatch, extra_logit_rows: Sequence[int] = ()) -> torch.Tensor:
+        """Forward the step; returns ``[R, V]`` logits of the requests that sample, in batch order, then
+        those of the packed tokens ``extra_logit_rows``."""
+        return self.run(StepInputs.of(batch, extra_logit_rows))
+
+    def run(self, step: StepInputs) -> torch.Tensor:
+        """``execute`` from the step's plain data (what tensor-parallel ranks receive from rank 0)."""
+        if step.swap_out:  # preemption by swapping: first, the forward may reuse the blocks
+            self.pool.swap_out(*map(list, zip(*step.swap_out)))
+        if step.swap_in:
+            self.pool.swap_in(*map(list, zip(*step.swap_in)))
+        if step.block_copies:  # copy-on-write, before anything writes the copies
+            src, dst = zip(*step.block_copies)
             self.pool.copy_blocks(list(src), list(dst))
-        if self.graphs is not None and self._layout_checked and all(
-            s.num_scheduled_tokens == 1 and s.samples for s in batch.requests
+        if (
+            self.graphs is not None
+            and self._layout_checked
+            and len(step.input_ids) == len(step.seq_lens)
+            and all(step.samples)
+            and not step.extra_logit_rows
         ):
-            logits = self.graphs.run(
-                [s.request.token_ids[s.context_len] for s in batch.requests],
-                [s.seq_len for s in batch.requests],
-                [s.request.block_ids for s in batch.requests],
-            )
+            # A decode step: one token per request, every request samples.
+            logits = self.graphs.run(step.input_ids, step.seq_lens, step.block_tables)
             if logits is not None:
                 return logits
-        input_ids: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        block_tables: list[list[int]] = []
-        keep: list[int] = []  # packed index of each sampling request's last token
-        for s in batch.requests:
-            r = s.request
-            input_ids.extend(r.token_ids[s.context_len : s.seq_len])
-            query_lens.append(s.num_scheduled_tokens)
-            seq_lens.append(s.seq_len)
-            block_tables.append(r.block_ids)
-            if s.samples:
-                keep.append(len(input_ids) - 1)
-
+        query_lens, seq_lens = step.query_lens, step.seq_lens
         # position of packed token t of row b = context_len[b] + (t - query_start[b])
-        q = torch.tensor(query_lens)
-        context = torch.tensor(seq_lens) - q
-        starts = torch.cumsum(q, 0) - q
+        q = torch.tensor(query_lens, dtype=torch.int64)
+        ends = torch.cumsum(q, 0)
+        starts = ends - q
+        context = torch.tensor(seq_lens, dtype=torch.int64) - q
         row = torch.repeat_interleave(torch.arange(len(query_lens)), q)
-        positions = context[row] + torch.arange(len(input_ids)) - starts[row]
+        positions = context[row] + torch.arange(len(step.input_ids)) - starts[row]
 
-        host = torch.stack([torch.tensor(input_ids), positions])  # [2, T] int64: one copy
-        keep_host = torch.tensor(keep, dtype=torch.long)
+        host = torch.stack([torch.tensor(step.input_ids, dtype=torch.int64), positions])  # [2, T] int64: one copy
+        keep_host = (ends - 1)[torch.tensor(step.samples, dtype=torch.bool)]  # each sampling row's last token
+        if step.extra_logit_rows:
+            keep_host = torch.cat([keep_host, torch.tensor(step.extra_logit_rows, dtype=torch.int64)])
         if self.device.type == "cuda":
             host, keep_host = host.pin_memory(), keep_host.pin_memory()
         dev = host.to(self.device, non_blocking=True)
         logits_to_keep = keep_host.to(self.device, non_blocking=True)
 
-        step = build_step_metadata(query_lens, seq_lens, block_tables, self.pool.block_size, self.device)
+        step_metadata = build_step_metadata(query_lens, seq_lens, step.block_tables, self.pool.block_size, self.device)
         if not self._layout_checked:
             self._check_layout_on_first_update()
-        return self.forward(dev[0:1], dev[1:2], step, logits_to_keep)
+        return self.forward(dev[0:1], dev[1:2], step_metadata, logits_to_keep)
+
+    def capture_graphs(self) -> None:
+        """Capture every decode-graph bucket now (a startup cost) instead of each on its first use."""
+        if self.graphs is not None and self._layout_checked:
+            self.graphs.capture_all()
+
+    def close(self) -> None:
+        """Drop the captured graphs (and their memory pool)."""
+        self.graphs = None
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: StepMetadata, logits_to_keep: torch.Tensor

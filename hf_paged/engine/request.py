@@ -124,6 +124,9 @@ class Request:
     finish_time: float | None = None
     num_streamed_tokens: int = 0  # generated tokens already handed out by stream()
     num_streamed_chars: int = 0  # characters of text already handed out by stream()
+    # With params.prompt_logprobs (sample 0 only): entry p is the logprob of prompt token p given the
+    # tokens before it (entry 0 is None: the first token has no context).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     group: Any = None  # the engine's RequestGroup (the user request this sample belongs to)
     last_token_time: float | None = None  # sample 0 only: when its latest token was appended
     inter_token_latencies: list[float] = field(default_factory=list)  # sample 0 only: gaps between its tokens
@@ -172,6 +175,8 @@ class GenerationResult:
     logprobs: list[TokenLogprobs] | None  # the first sample's logprobs
     ttft_s: float  # submission to first generated token (earliest over the samples)
     latency_s: float  # submission to the last sample's finish
+    # With SamplingParams.prompt_logprobs: one entry per prompt token (the first is None), else None.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,3 +192,5 @@ class StreamEvent:
     request_id: str | None = None  # the user request's id
     logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked for logprobs
     num_prompt_tokens: int = 0  # the prompt's length in tokens
+    # With SamplingParams.prompt_logprobs: on sample 0's first event, one entry per prompt token.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

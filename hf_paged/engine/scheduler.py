@@ -285,6 +285,8 @@ class Scheduler:
         """
         if self.prefix_cache_seed is None or request.num_computed_tokens or request.block_ids:
             return False
+        if request.prompt_logprobs is not None:  # every prompt position's logits are needed: compute them all
+            return False
         keys, hits = request.block_keys, []
         for i in range((request.num_tokens - 1) // self.block_size):
             if i == len(keys):

@@ -318,6 +318,7 @@ class ContinuousGenerator:
             logprobs=first.logprobs,
             ttft_s=min(r.first_token_time for r in group.requests) - group.arrival_time,
             latency_s=max(r.finish_time for r in group.requests) - group.arrival_time,
+            prompt_logprobs=group.requests[0].prompt_logprobs,
         )
 
 
