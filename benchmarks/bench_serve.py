@@ -308,9 +308,11 @@ async def main_run_async(args) -> int:
         model = args.model or await _served_model(client, args.base_url)
         path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
         url = args.base_url.rstrip("/") + path
-        # Warm-up (not measured): first-request costs (compilation, graph capture, connection setup).
-        warm = await asyncio.gather(*(send(client, url, request_body(args, model, p), n, args.endpoint == "chat",
-                                           args.request_timeout) for p, n in zip(prompts[:args.warmup], lengths)))
+        # Warm-up (not measured): first-request costs (compilation, graph capture, connection setup), with
+        # the longest prompts so that buffers sized by sequence length are at their final size.
+        longest = sorted(range(len(prompts)), key=lambda i: -lengths[i])[: args.warmup]
+        warm = await asyncio.gather(*(send(client, url, request_body(args, model, prompts[i]), lengths[i],
+                                           args.endpoint == "chat", args.request_timeout) for i in longest))
         bad = [o.error for o in warm if not o.ok]
         if bad:
             raise SystemExit(f"warm-up requests failed: {bad[:3]}")
@@ -382,9 +384,14 @@ def main_offline(args) -> int:
 
     from hf_paged import ContinuousGenerator, SamplingParams
 
-    record = json.loads(Path(args.requests).read_text())
-    prompts = record["prompts"][: args.num_prompts or None]
-    output_len = args.output_len or record["output_len"]
+    if args.requests and Path(args.requests).is_file():
+        record = json.loads(Path(args.requests).read_text())
+        prompts = record["prompts"][: args.num_prompts or None]
+        output_len = args.output_len or record["output_len"]
+    else:  # the prompts a `run` with the same --num-prompts / --input-len / --seed sends
+        record = None
+        prompts, _ = make_prompts(args.num_prompts or 200, args.input_len, args.seed, args.model, None)
+        output_len = args.output_len or 256
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
@@ -409,7 +416,7 @@ def main_offline(args) -> int:
     best = max(rows, key=lambda r: r["out_tok_per_s"])
     print(f"offline ContinuousGenerator, {len(prompts)} prompts x {output_len} new tokens: "
           + ", ".join(f"{r['out_tok_per_s']:,.0f} out tok/s ({r['wall_s']:.2f} s)" for r in rows))
-    served = [r for r in record["rows"] if r["rate"] == "inf"]
+    served = [r for r in record["rows"] if r["rate"] == "inf"] if record else []
     if served:
         ratio = served[0]["out_tok_per_s"] / best["out_tok_per_s"]
         print(f"server at rate inf ({record['label']}): {served[0]['out_tok_per_s']:,.0f} out tok/s = {ratio:.1%} of offline")
@@ -493,9 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default="serve_latency.png")
     off = sub.add_parser("offline", help="ContinuousGenerator throughput on the prompts of a `run` result")
     off.add_argument("--model", required=True, help="the model folder the server loaded")
-    off.add_argument("--requests", required=True, help="a `run` result JSON (its prompts are reused)")
+    off.add_argument("--requests", help="a `run` result JSON: its prompts are reused and its rate-inf row compared")
     off.add_argument("--output-len", type=int)
     off.add_argument("--num-prompts", type=int)
+    off.add_argument("--input-len", type=parse_range, default=(64, 1024), help="without --requests: as `run`'s")
+    off.add_argument("--seed", type=int, default=0)
     off.add_argument("--dtype")
     off.add_argument("--repeats", type=int, default=2)
     off.add_argument("--out")

@@ -164,6 +164,9 @@ def test_completion_prompt_forms(server, tokenizer):
     assert [ch.index for ch in several.choices] == [0, 1, 2, 3]
     assert several.choices[0].text == several.choices[1].text == by_text.choices[0].text
     assert several.usage.completion_tokens == 24
+    # A prompt that starts with the BOS text (a rendered chat template) is not given a second BOS.
+    rendered = c.completions.create(model=MODEL, prompt="<s>Hello there", max_tokens=6, temperature=0)
+    assert rendered.usage.prompt_tokens == len(ids) and rendered.choices[0].text == by_text.choices[0].text
 
 
 def test_chat_streamed_equals_whole_and_single_bos(server, tokenizer):

@@ -123,7 +123,10 @@ class Server:
         out = []
         for i, prompt in enumerate(req.prompts()):
             if isinstance(prompt, str):
-                ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+                # A prompt that already starts with the BOS text (a rendered chat template) gets no second one.
+                bos = self.tokenizer.bos_token
+                add_special = not (isinstance(bos, str) and bos and prompt.startswith(bos))
+                ids = self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
             else:
                 bad = next((t for t in prompt if t >= self.vocab_size), None)
                 if bad is not None:

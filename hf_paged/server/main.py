@@ -117,6 +117,10 @@ def main_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
     if args.shutdown_timeout < 0:
         raise SystemExit(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    import prometheus_client
+
+    # Only the series the metrics list names (no "_created" timestamp per histogram and counter).
+    prometheus_client.disable_created_metrics()
     options = engine_options(args)
     sock = _bind(args.host, args.port)  # before the model loads: a taken port fails fast
     model, tokenizer, default_name = load(args.model_path, args.device, args.dtype)
