@@ -380,6 +380,11 @@ def test_disconnect_frees_blocks(server):
     key = 'hf_paged:request_success_total{finished_reason="abort"}'
     assert after[key] == before[key] + 1
     assert after["hf_paged:generation_tokens_total"] - before["hf_paged:generation_tokens_total"] < 1500
+    # A client that gives up on a non-streamed answer is noticed too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(60, read=1.0))
+    after = wait_for(lambda: (m := metrics(server))[key] == before[key] + 2 and m, "the second abort")
+    assert after["hf_paged:kv_cache_usage_perc"] == 0 and after["hf_paged:num_requests_running"] == 0
 
 
 def test_metrics_names(server):

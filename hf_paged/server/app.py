@@ -41,8 +41,7 @@ DEFAULT_CHAT_TEMPLATE = (
 # OpenAI's default max_tokens for completions when neither the request nor the model says otherwise.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
 # SamplingParams field -> the request field a ValueError about it is reported under.
-_PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "logprobs": "logprobs",
-                "stop_token_ids": "stop", "stop": "stop"}
+_PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop_token_ids": "stop"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +471,8 @@ async def _respond(request: Request, server: Server, fmt: _Formatter, req: Any, 
         return fmt.whole(choices, usage)
 
     body = await _until_disconnected(request, collect())
+    if body is None:  # the client left; nobody reads this (499: nginx's "client closed request")
+        return Response(status_code=499)
     return JSONResponse(body)
 
 
