@@ -4,20 +4,23 @@ Same contract as ``paged_attention`` in ``paged_attention.py`` (length vocabular
 there): query token ``i`` of row ``b`` sits at position ``p = seq_len - num_q + i`` and attends to keys
 ``j <= p`` (and ``p - j < sliding_window``); ``p < 0`` (left padding) attends to nothing and gets 0.
 
-How it is batched. Rows are split into two classes, each computed as one padded batch:
+How it is batched. Rows are computed as padded batches ``[n, Hkv, G * Q, W]`` (the G query heads of a
+KV head share its K/V and their mask, so they ride along the query axis and every KV head is read
+once), ``Q`` the batch's most query tokens, ``W`` its widest key range:
 
-* decode rows (one query token): ``[n, Hkv, G, W]`` logits, where ``W`` covers the longest row's keys;
-* multi-token rows (prefill chunks, prompts of ``generate``): ``[n, Hkv, Q*G, W]`` logits, ``Q`` the
-  longest row's query count. Rows are sorted by query count so a batch pads little.
+* decode rows (one query token) and multi-token rows (prompt chunks, ``generate``'s prompts) are
+  separate classes, so a step of many decodes and one prompt chunk does not pad every decode row
+  to the chunk's length;
+* within a class, rows are sorted by key range and cut into a few buckets where padding everything
+  to the longest row would cost more than another batch's fixed cost (``_BUCKET_OVERHEAD``);
+* a bucket is cut further only when its logits would pass ``_MAX_ELEMENTS`` (long prompts): rows
+  first, then the query tokens of a single row, so memory stays bounded.
 
-A mixed step of many decodes and one prompt chunk would pad every decode row to the chunk's length
-if they shared one batch; two classes keep the padding small. Each class is cut into pieces only
-when its logits would pass ``_MAX_ELEMENTS`` (long prompts), so memory stays bounded.
-
-K/V are gathered a whole block at a time (``index_select`` over block ids, not over slots): keys
-``[first_block * block_size, ...)`` of each row land contiguously in ``[n, W, Hkv, D]``; keys past a
-row's end, before its window, or in the future of a query are masked. The pool is zero-initialised,
-so masked keys are finite and ``0 * v`` stays 0.
+K/V are gathered a whole block at a time (``index_select`` over block ids, not over slots): the keys
+of each row from its first visible block on land contiguously in ``[n, W, Hkv, D]``; keys past a
+row's end, before its window, or in the future of a query are masked. Without softcap and sinks the
+attention itself is ``scaled_dot_product_attention`` (fused on CPU: no logits in memory); with
+either, explicit matmul / softmax. The pool is zero-initialised, so masked keys are finite.
 
 Computes in float64 for float64 queries, float32 otherwise (as the reference does). The metadata is
 read on the host (a CPU step has no device to wait for); on a GPU it works too (``backend="torch"``,
@@ -27,9 +30,13 @@ head dims the Triton kernel lacks) but syncs a few times per call, so it is not 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-# Most logits materialised at once per piece (32 M elements = 128 MiB in float32).
+# Most logits (rows x query heads x query tokens x keys) in one piece: 32 M = 128 MiB in float32.
 _MAX_ELEMENTS = 1 << 25
+# A batch's fixed cost (~25 small ops, ~0.2 ms on one core) in units of padded work (query heads x head
+# dims x query tokens x keys): a bucket split must save more than this.
+_BUCKET_OVERHEAD = 1 << 18
 
 
 def paged_attention_cpu(
@@ -87,22 +94,47 @@ def paged_attention_cpu(
     qsl = query_start_loc.long()
     num_q = qsl[1:] - qsl[:-1]  # [B]
     seq = seq_lens.long()
-    k_sink = None if sinks is None else sinks.to(compute).view(num_kv_heads, num_q_heads // num_kv_heads, 1)
+    # Blocks each row reads: from the one holding its first query's window edge to its last key.
+    first = seq - num_q  # position of each row's first query token
+    lo = torch.zeros_like(seq) if sliding_window is None else (first - sliding_window + 1).clamp(min=0)
+    num_b = -(-seq // block_size) - torch.minimum(lo, seq) // block_size  # [B]
+    sink = None if sinks is None else sinks.to(compute).view(1, num_kv_heads, num_q_heads // num_kv_heads, 1, 1)
     attend = _Attend(query, k_cache, v_cache, k_scale, v_scale, block_tables, qsl, seq, out, compute, scale,
-                     sliding_window, softcap, k_sink)
-
-    decode = (num_q == 1).nonzero().flatten()
-    if decode.numel():
-        attend.rows(decode, 1)
-    multi = (num_q > 1).nonzero().flatten()
-    if multi.numel():
-        counts, order = num_q[multi].sort(descending=True)
-        attend.rows(multi[order], int(counts[0]), counts)
+                     sliding_window, softcap, sink)
+    attend.padded = bool(first.min() < 0)
+    for decode in (True, False):
+        rows = (num_q == 1 if decode else num_q > 1).nonzero().flatten()
+        if rows.numel():
+            width, order = num_b[rows].sort(descending=True)
+            attend.run(rows[order], num_q[rows[order]], width, decode)
     return out
 
 
+def _buckets(q: torch.Tensor, width: torch.Tensor, unit: int, depth: int = 3) -> list[tuple[int, int]]:
+    """Cut rows sorted by ``width`` (descending) into ``[a, b)`` ranges, padded cost ``(b - a) * max(q) * width[a]``.
+
+    Binary splits, each at its cheapest point, kept only when they save more than ``_BUCKET_OVERHEAD``
+    (``unit``: padded work per query token and key block).
+    """
+    n = q.numel()
+    if depth == 0 or n < 2:
+        return [(0, n)]
+    pre = q.cummax(0).values  # max query count of rows [0, i]
+    suf = q.flip(0).cummax(0).values.flip(0)  # of rows [i, n)
+    i = torch.arange(1, n)
+    split_cost = i * pre[:-1] * width[0] + (n - i) * suf[1:] * width[1:]
+    k = int(split_cost.argmin())
+    saved = (n * int(pre[-1]) * int(width[0]) - int(split_cost[k])) * unit
+    if saved <= _BUCKET_OVERHEAD:
+        return [(0, n)]
+    k += 1
+    left = _buckets(q[:k], width[:k], unit, depth - 1)
+    right = _buckets(q[k:], width[k:], unit, depth - 1)
+    return left + [(a + k, b + k) for a, b in right]
+
+
 class _Attend:
-    """One call's shared inputs; ``rows`` computes a class of rows in padded pieces."""
+    """One call's shared inputs; ``run`` computes one class of rows in padded batches."""
 
     def __init__(self, query, k_cache, v_cache, k_scale, v_scale, block_tables, qsl, seq, out, compute, scale,
                  window, softcap, sink):
@@ -110,40 +142,34 @@ class _Attend:
         self.k_scale, self.v_scale = k_scale, v_scale
         self.qsl, self.seq, self.out, self.compute = qsl, seq, out, compute
         self.scale, self.window, self.softcap, self.sink = scale, window, softcap, sink
-        self.num_q_heads = query.shape[1]
+        self.num_q_heads, self.head_dim = query.shape[1], query.shape[2]
         self.block_size = k_cache.shape[1]
+        self.padded = True  # some token sits at a position < 0 (its output must be exactly 0)
 
-    def rows(self, rows: torch.Tensor, max_q: int, counts: torch.Tensor | None = None) -> None:
-        """Rows ``rows`` (each with ``<= max_q`` query tokens; ``counts`` sorted descending, if given)."""
+    def run(self, rows: torch.Tensor, num_q: torch.Tensor, width: torch.Tensor, decode: bool) -> None:
+        """Rows sorted by ``width`` (key blocks, descending); ``num_q`` their query counts."""
         bs = self.block_size
-        seq = self.seq[rows]
-        # Keys a row's queries can see span at most min(seq_len, max_q + window - 1), plus the part of
-        # the first block before the window.
-        span = int(seq.max())
-        if self.window is not None:
-            span = min(span, max_q + self.window - 1 + bs - 1)
-        width = -(-span // bs) * bs + (bs if self.window is not None else 0)
-        per_row = self.num_q_heads * max_q * width
-        n = rows.numel()
-        step = max(1, _MAX_ELEMENTS // per_row)
-        if step >= n:
-            self._piece(rows, 0, max_q)
-            return
-        if step > 1 or max_q == 1:  # several rows per piece
-            for r0 in range(0, n, step):
-                piece = rows[r0 : r0 + step]
-                q_hi = max_q if counts is None else int(counts[r0])
-                self._piece(piece, 0, q_hi)
-            return
-        # One row alone is too big: cut its queries into slices (their causal key range shrinks too).
-        q_step = max(1, _MAX_ELEMENTS // (self.num_q_heads * width))
-        for r0 in range(n):
-            q_hi = max_q if counts is None else int(counts[r0])
-            for q0 in range(0, q_hi, q_step):
-                self._piece(rows[r0 : r0 + 1], q0, min(q_hi, q0 + q_step))
+        for a, b in _buckets(num_q, width, self.num_q_heads * self.head_dim * bs):
+            max_q = 1 if decode else int(num_q[a:b].max())
+            per_row = self.num_q_heads * max_q * int(width[a]) * bs  # logits of one padded row
+            step = max(1, _MAX_ELEMENTS // per_row)
+            if step > 1 or max_q == 1:  # whole rows per piece
+                for r0 in range(a, b, step):
+                    r1 = min(b, r0 + step)
+                    q1 = 1 if decode else int(num_q[r0:r1].max())
+                    self._piece(rows[r0:r1], 0, q1, all_real=decode)
+                continue
+            # One row alone is too big: cut its queries into slices (their causal key range shrinks too).
+            q_step = max(1, _MAX_ELEMENTS // (self.num_q_heads * int(width[a]) * bs))
+            for r in range(a, b):
+                count = int(num_q[r])
+                for q0 in range(0, count, q_step):
+                    self._piece(rows[r : r + 1], q0, min(count, q0 + q_step), all_real=True)
 
-    def _piece(self, rows: torch.Tensor, q0: int, q1: int) -> None:
-        """Query tokens ``[q0, q1)`` of each row in ``rows`` (padded to ``q1 - q0``), one batched pass."""
+    def _piece(self, rows: torch.Tensor, q0: int, q1: int, all_real: bool) -> None:
+        """Query tokens ``[q0, q1)`` of each row in ``rows`` (padded to ``q1 - q0``), one batched pass.
+
+        ``all_real``: every row has at least ``q1`` query tokens (no padded query slots)."""
         bs = self.block_size
         nq = q1 - q0
         n = rows.numel()
@@ -154,66 +180,86 @@ class _Attend:
         device = self.query.device
         i = torch.arange(nq, device=device)
         pos = first[:, None] + i  # [n, nq]
-        q_ok = (q0 + i)[None, :] < num_q[:, None]  # [n, nq] real query token of the row
+        tok = start[:, None] + q0 + i  # [n, nq] packed index of each query slot
         # Keys [lo, hi) hold everything the piece may see; gathered from block lo // bs on.
         hi = torch.minimum(seq, first + nq).clamp(min=0)  # [n]
         lo = torch.zeros_like(hi) if self.window is None else (first - self.window + 1).clamp(min=0)
-        lo = torch.minimum(lo, hi)
-        b_lo = lo // bs
+        b_lo = torch.minimum(lo, hi) // bs
         num_b = int((-(-hi // bs) - b_lo).max())
         if num_b <= 0:  # nothing visible anywhere (all padding)
-            self._store(rows, start, q0, q_ok, None)
+            self._store(tok, pos, num_q - q0, None, all_real)
             return
-        cols = (b_lo[:, None] + torch.arange(num_b, device=device)).clamp(max=self.block_tables.shape[1] - 1)  # [n, num_b]
+        cols = (b_lo[:, None] + torch.arange(num_b, device=device)).clamp(max=self.block_tables.shape[1] - 1)
         # Table entries past a row's blocks are only ever masked; clamped so any value there is a valid id.
         blocks = self.block_tables[rows[:, None], cols].long().flatten().clamp_(0, self.k_cache.shape[0] - 1)
-        k = self._gather(self.k_cache, self.k_scale, blocks, n)  # [n, W, Hkv, D], W = num_b * bs
+        k = self._gather(self.k_cache, self.k_scale, blocks, n)  # [n, Hkv, W, D], W = num_b * bs
         v = self._gather(self.v_cache, self.v_scale, blocks, n)
         j = b_lo[:, None] * bs + torch.arange(num_b * bs, device=device)  # [n, W] key positions
         visible = (j[:, None, :] <= pos[:, :, None]) & (j < hi[:, None])[:, None, :]  # [n, nq, W]
         if self.window is not None:
             visible &= pos[:, :, None] - j[:, None, :] < self.window
 
-        q = self.query[(start[:, None] + q0 + i).clamp(max=self.query.shape[0] - 1)]  # [n, nq, Hq, D]
-        num_kv_heads, head_dim = k.shape[2], k.shape[3]
+        num_kv_heads = k.shape[1]
         group = self.num_q_heads // num_kv_heads
-        # [n, Hkv, nq * G, D] x [n, Hkv, D, W]: each KV head's K/V is read once for its G query heads.
-        q = q.to(self.compute).view(n, nq, num_kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
-        q = q.reshape(n, num_kv_heads, nq * group, head_dim)
-        logits = torch.matmul(q, k.permute(0, 2, 3, 1)).view(n, num_kv_heads, nq, group, -1)
+        d = self.head_dim
+        if nq == 1:
+            q = self.query.index_select(0, tok[:, 0]).view(n, num_kv_heads, group, d)
+        else:  # [n, nq, Hq, D] -> [n, Hkv, G * nq, D], query heads of one KV head adjacent
+            q = self.query[tok.clamp(max=self.query.shape[0] - 1)].view(n, nq, num_kv_heads, group, d)
+            q = q.permute(0, 2, 3, 1, 4).reshape(n, num_kv_heads, group * nq, d)
+        q = q.to(self.compute)
+        if self.softcap is None and self.sink is None:
+            mask = visible[:, None] if nq == 1 else visible[:, None, None].expand(n, 1, group, nq, -1).reshape(n, 1, group * nq, -1)
+            # Fused on CPU: no [.., W] logits in memory.
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:
+            o = self._attend_explicit(q, k, v, visible, group, nq)
+        o = o.view(n, num_kv_heads, group, nq, d).permute(0, 3, 1, 2, 4).reshape(n, nq, self.num_q_heads, d)
+        self._store(tok, pos, num_q - q0, o, all_real)
+
+    def _attend_explicit(self, q, k, v, visible, group, nq) -> torch.Tensor:
+        """Softcap and sinks, which SDPA lacks: ``[n, Hkv, G * nq, D]`` from q ``[n, Hkv, G * nq, D]``, k/v ``[n, Hkv, W, D]``."""
+        n, num_kv_heads = q.shape[:2]
+        logits = torch.matmul(q, k.transpose(2, 3)).view(n, num_kv_heads, group, nq, -1)
         if self.softcap is not None:
             logits = torch.tanh(logits.mul_(self.scale / self.softcap)).mul_(self.softcap)
         else:
             logits.mul_(self.scale)
-        logits.masked_fill_(~visible[:, None, :, None, :], float("-inf"))
+        logits.masked_fill_(~visible[:, None, None], float("-inf"))
         if self.sink is None:
-            probs = torch.softmax(logits, dim=-1)  # NaN on rows that see nothing: replaced in _store
+            probs = torch.softmax(logits, dim=-1)  # NaN for tokens that see nothing: zeroed by _store
         else:  # the sink is one more logit per head, in the denominator only
-            sink = self.sink.view(1, num_kv_heads, 1, group, 1)
-            m = torch.maximum(logits.amax(dim=-1, keepdim=True), sink)
+            m = torch.maximum(logits.amax(dim=-1, keepdim=True), self.sink)
             probs = (logits - m).exp_()
-            probs = probs.div_(probs.sum(dim=-1, keepdim=True) + (sink - m).exp())
-        o = torch.matmul(probs.view(n, num_kv_heads, nq * group, -1), v.permute(0, 2, 1, 3))  # [n, Hkv, nq*G, D]
-        o = o.view(n, num_kv_heads, nq, group, head_dim).permute(0, 2, 1, 3, 4).reshape(n, nq, -1, head_dim)
-        self._store(rows, start, q0, q_ok, o, visible.any(dim=-1))
+            probs = probs.div_(probs.sum(dim=-1, keepdim=True) + (self.sink - m).exp())
+        return torch.matmul(probs.view(n, num_kv_heads, group * nq, -1), v)
 
     def _gather(self, cache: torch.Tensor, scale: torch.Tensor | None, blocks: torch.Tensor, n: int) -> torch.Tensor:
-        """Whole blocks of one cache as ``[n, W, Hkv, D]`` in the compute dtype (dequantized when FP8)."""
+        """Whole blocks of one cache as ``[n, Hkv, W, D]`` (a transposed view) in the compute dtype,
+        dequantized when FP8."""
         _, bs, heads, dim = cache.shape
         x = cache.index_select(0, blocks).view(n, -1, heads, dim).to(self.compute)
         if scale is not None:
             x.mul_(scale.index_select(0, blocks).view(n, -1, heads, 1))
-        return x
+        return x.transpose(1, 2)
 
-    def _store(self, rows, start, q0, q_ok, o, seen=None) -> None:
-        """Write the real query tokens' outputs; tokens that saw no key get exactly 0."""
-        tok = start[:, None] + q0 + torch.arange(q_ok.shape[1], device=q_ok.device)  # [n, nq]
-        dst = tok[q_ok]
+    def _store(self, tok, pos, count, o, all_real) -> None:
+        """Write the outputs ``o`` ``[n, nq, Hq, D]`` (None: zeros) of the real query slots (slot ``i`` of
+        row ``r`` is real when ``i < count[r]``); tokens at positions < 0 get exactly 0.
+
+        Every token at a position >= 0 sees at least its own key, so position < 0 is exactly "sees nothing".
+        """
+        if all_real:
+            dst, blind = tok.flatten(), pos.flatten() < 0
+        else:
+            real = torch.arange(tok.shape[1], device=tok.device)[None, :] < count[:, None]  # [n, nq]
+            dst, blind = tok[real], pos[real] < 0
+            if o is not None:
+                o = o[real]
         if o is None:
             self.out[dst] = 0
             return
-        o = o[q_ok]  # [m, Hq, D]
-        blind = ~seen[q_ok]
-        if bool(blind.any()):
-            o[blind] = 0
-        self.out[dst] = o.to(self.out.dtype)
+        o = o.reshape(dst.shape[0], *o.shape[-2:])
+        if self.padded:
+            o = o.masked_fill(blind[:, None, None], 0.0)  # also replaces the NaN of a softmax over nothing
+        self.out.index_copy_(0, dst, o.to(self.out.dtype))

@@ -107,6 +107,15 @@ def test_small_budget_cuts_rows_and_queries(monkeypatch):
                                rtol=1e-10, atol=1e-10)
 
 
+def test_small_budget_cuts_a_decode_step(monkeypatch):
+    """A pure decode step (row b = token b, read without index ops) cut into pieces of rows."""
+    args = make_problem([(s, 1) for s in (3, 40, 17, 90, 64, 1, 33)], num_q_heads=4, num_kv_heads=1,
+                        head_dim=32, block_size=16, dtype=torch.float64, seed=8)
+    monkeypatch.setattr(pac, "_MAX_ELEMENTS", 4 * 96 * 2)  # two rows per piece
+    out = pac.paged_attention_cpu(*args, scale=0.2)
+    torch.testing.assert_close(out, paged_attention_reference(*args, scale=0.2), rtol=1e-10, atol=1e-10)
+
+
 def test_leaves_unowned_tokens_and_idle_rows():
     args = list(make_problem([(5, 0), (20, 3), (9, 0)], num_q_heads=4, num_kv_heads=2, head_dim=32,
                              block_size=16, dtype=torch.float32, seed=6))
@@ -149,3 +158,24 @@ def test_fp8_cache_matches_reference(features):
     # the scales are applied: unscaled FP8 values give a different answer
     plain = pac.paged_attention_cpu(query, k_cache.float(), v_cache.float(), *meta, **kwargs)
     assert not torch.allclose(plain, out, atol=1e-3)
+
+
+def test_buckets_cover_rows_and_split_uneven_widths(monkeypatch):
+    width = torch.tensor([40, 39, 38, 5, 4, 4, 3, 1])  # sorted descending, two clear groups
+    q = torch.ones(8, dtype=torch.long)
+    monkeypatch.setattr(pac, "_BUCKET_OVERHEAD", 0)
+    cuts = pac._buckets(q, width, unit=1)
+    assert cuts[0][0] == 0 and cuts[-1][1] == 8 and all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
+    assert 3 in {b for _, b in cuts}  # the long rows are cut from the short ones
+    monkeypatch.setattr(pac, "_BUCKET_OVERHEAD", 1 << 40)
+    assert pac._buckets(q, width, unit=1) == [(0, 8)]
+
+
+@pytest.mark.parametrize("overhead", [0, 1 << 40], ids=["many-buckets", "one-bucket"])
+@pytest.mark.parametrize("features", [{}, {"sliding_window": 10, "softcap": 3.0}], ids=["plain", "window+softcap"])
+def test_bucketing_does_not_change_results(monkeypatch, overhead, features):
+    rows = ROWS["mixed"] + [(150, 1), (2, 1), (120, 30), (9, 9)]
+    args = make_problem(rows, num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.float64, seed=3)
+    monkeypatch.setattr(pac, "_BUCKET_OVERHEAD", overhead)
+    out = pac.paged_attention_cpu(*args, scale=0.3, **features)
+    torch.testing.assert_close(out, paged_attention_reference(*args, scale=0.3, **features), rtol=1e-10, atol=1e-10)
