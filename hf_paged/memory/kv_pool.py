@@ -16,6 +16,9 @@ alone (see ``kernels/kv_write.py``). Blocks then take ``(head_dim + 4) / (2 * he
 from __future__ import annotations
 
 import functools
+import logging
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +27,8 @@ from .block_allocator import BlockAllocator
 from ..options import KV_CACHE_DTYPES, PoolOptions
 
 FP8_DTYPE = torch.float8_e4m3fn
+
+logger = logging.getLogger("hf_paged")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +70,26 @@ def resolve_num_blocks(options: PoolOptions, layout: KVLayout) -> int:
             f"the KV memory budget ({budget} bytes) holds no block of {per_block} bytes; "
             "raise memory_fraction / cpu_memory_bytes or pass num_blocks"
         )
+    if layout.device.type != "cuda":
+        # A fixed budget, whatever the model: say what it buys (host pools commit memory as blocks are used).
+        logger.info(
+            "hf_paged: KV pool on %s: %d blocks x %d tokens = %d tokens, %.1f MiB reserved (cpu_memory_bytes); "
+            "pass num_blocks= or cpu_memory_bytes= to change it",
+            layout.device, num_blocks, options.block_size, num_blocks * options.block_size, num_blocks * per_block / 2**20,
+        )
     return int(num_blocks)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor; on the host, backed by anonymous memory, which the OS hands out zero-filled and
+    commits page by page: a large CPU pool then costs no time (``torch.zeros`` of 1 GiB writes it all,
+    ~0.8 s) and no resident memory until its blocks are used. Private, so forked processes do not share it."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    flags = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
+    # frombuffer keeps a reference to the mapping: it is unmapped when the last view of the tensor goes.
+    return torch.frombuffer(mmap.mmap(-1, nbytes, **flags), dtype=dtype).view(shape)
 
 
 @functools.cache
@@ -89,8 +113,8 @@ class KVPool:
         shape = (layout.num_layers, 2, num_blocks, block_size, layout.num_kv_heads, layout.head_dim)
         # Zeros, not empty: the dense fallback gathers padding columns from slot 0 and masks them,
         # and a masked NaN would still poison a matmul (0 * NaN = NaN).
-        self.kv = torch.zeros(shape, dtype=FP8_DTYPE if fp8 else layout.dtype, device=layout.device)
-        self.scales = torch.zeros(shape[:-1], dtype=torch.float32, device=layout.device) if fp8 else None
+        self.kv = _zeros(shape, FP8_DTYPE if fp8 else layout.dtype, layout.device)
+        self.scales = _zeros(shape[:-1], torch.float32, layout.device) if fp8 else None
         self.allocator = BlockAllocator(num_blocks)
         # Host copies of preempted requests' blocks (see allocate_swap); None without a swap space.
         self.swap_kv: torch.Tensor | None = None
