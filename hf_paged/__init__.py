@@ -55,6 +55,8 @@ _EXPORTS = {
     "StreamEvent": ".engine.request",
     "TokenLogprobs": ".engine.request",
     "SamplingParams": ".engine.sampling_params",
+    "TensorParallelError": ".engine.distributed",
+    "run_worker": ".engine.distributed",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -2,22 +2,32 @@
 
 Each model is built here, saved with ``save_pretrained`` and loaded in both processes with
 ``from_pretrained(path, tp_plan="auto")``: the weights become DTensor shards and the model's own
-all-reduces run over gloo. The reference is stock ``generate`` on the unsharded model, one prompt at a
-time (float64: the sharded sums round differently, and near-ties must not decide a token).
+all-reduces run over gloo. Rank 0 runs ``enable()`` + ``generate`` (with rank 1 doing the same, as
+transformers' TP requires), then a ``ContinuousGenerator`` and an ``AsyncEngine`` while rank 1 runs
+``hf_paged.run_worker``. References come from the unsharded model in this process: stock ``generate``
+one prompt at a time for greedy decoding, a single-process ``ContinuousGenerator`` for seeded
+sampling (float64: the sharded sums round differently, and near-ties must not decide a token).
+
+One spawn per architecture runs every check (process start-up and imports dominate the time).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import time
 
 import pytest
 import torch
-from models import CONFIGS, VOCAB, make_model
+from models import VOCAB, make_model
 from tp_harness import RankError, run_ranks, unwrap
 
 ARCHS = ["llama", "qwen2"]
 LENGTHS = [5, 23, 17, 40]
 NEW = 12
+NUM_BLOCKS = 40
+
+pytestmark = pytest.mark.slow  # each spawn of 2 processes costs ~20 s of start-up on 2 cores
 
 
 def prompts() -> list[list[int]]:
@@ -25,19 +35,17 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
 
 
-@functools.cache
-def saved_model(name: str, tmp_root: str, **overrides) -> tuple[str, list[list[int]]]:
-    """Save the tiny model to a folder; returns the folder and stock greedy continuations of ``prompts()``."""
-    model = make_model(name)
-    for key, value in overrides.items():
-        setattr(model.config, key, value)
-    path = f"{tmp_root}/{name}"
-    model.save_pretrained(path)
-    refs = []
-    for p in prompts():
-        out = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False)
-        refs.append(out[0, len(p) :].tolist())
-    return path, refs
+def greedy():
+    from hf_paged import SamplingParams
+
+    return SamplingParams(max_new_tokens=NEW, temperature=0.0)
+
+
+def sampled():
+    from hf_paged import SamplingParams
+
+    # n=2 forks the prompt's blocks (copy-on-write copies travel with the steps); seeded noise.
+    return SamplingParams(max_new_tokens=NEW, temperature=1.0, top_k=20, n=2, seed=7)
 
 
 def load_tp(path: str):
@@ -48,78 +56,220 @@ def load_tp(path: str):
     return model
 
 
-# ---- enable() + generate --------------------------------------------------------------------------
+@functools.cache
+def references(name: str, root: str) -> dict:
+    """Save the model; stock greedy continuations (one prompt at a time) and single-process sampled ones."""
+    from hf_paged import ContinuousGenerator
 
-
-def _enable_rank(rank: int, path: str) -> dict:
-    import hf_paged
-
-    model = load_tp(path)
-    sharded = model.model.layers[0].self_attn.k_proj.weight.to_local().shape[0]
-    hf_paged.enable(model, num_blocks=40)
-    outs = []
+    model = make_model(name)
+    path = f"{root}/{name}"
+    model.save_pretrained(path)
+    greedy_refs = []
     for p in prompts():
         out = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False)
-        outs.append(out[0, len(p) :].tolist())
-    # A left-padded batch through the pool as well.
-    batch = torch.zeros((len(LENGTHS), max(LENGTHS)), dtype=torch.long)
+        greedy_refs.append(out[0, len(p) :].tolist())
+    with ContinuousGenerator(model, num_blocks=NUM_BLOCKS, progress=False) as gen:
+        sampled_refs = [[s.token_ids for s in r.samples] for r in gen.generate(prompts(), sampled())]
+    kv1 = None
+    if name == "llama":  # a model whose single KV head two ranks cannot split
+        model.config.num_key_value_heads = 1
+        kv1 = f"{root}/llama_kv1"
+        type(model)(model.config).to(torch.float64).save_pretrained(kv1)
+    return {"path": path, "greedy": greedy_refs, "sampled": sampled_refs, "kv1": kv1}
+
+
+def _parity_rank(rank: int, path: str, kv1_path: str | None) -> dict:
+    import hf_paged
+    from hf_paged import AsyncEngine, ContinuousGenerator
+
+    model = load_tp(path)
+    out: dict = {"sharded_rows": model.model.layers[0].self_attn.k_proj.weight.to_local().shape[0]}
+
+    # enable() + generate: every rank runs the same generate (transformers' TP contract).
+    hf_paged.enable(model, num_blocks=NUM_BLOCKS)
+    out["enable_single"] = []
+    for p in prompts():
+        ids = model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False)
+        out["enable_single"].append(ids[0, len(p) :].tolist())
+    width = max(LENGTHS)
+    batch = torch.zeros((len(LENGTHS), width), dtype=torch.long)
     mask = torch.zeros_like(batch)
     for i, p in enumerate(prompts()):
-        batch[i, batch.shape[1] - len(p) :] = torch.tensor(p)
-        mask[i, batch.shape[1] - len(p) :] = 1
-    out = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
-    state = model._hf_paged_state
-    return {
-        "single": outs,
-        "batch": out[:, batch.shape[1] :].tolist(),
-        "pool_heads": state.pool.layout.num_kv_heads,
-        "sharded_rows": sharded,
-        "num_blocks": state.pool.num_blocks,
-    }
+        batch[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    ids = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    out["enable_batch"] = ids[:, width:].tolist()
+    out["enable_pool_heads"] = model._hf_paged_state.pool.layout.num_kv_heads
+    hf_paged.disable(model)
+
+    if rank != 0:
+        for _ in range(4):  # the generator, the tight generators (recompute, swap), the engine
+            hf_paged.run_worker(model)
+        out["worker_sessions"] = 4
+    else:
+        with ContinuousGenerator(model, num_blocks=NUM_BLOCKS, progress=False) as gen:
+            out["pool_heads"] = gen.pool.layout.num_kv_heads
+            out["generator"] = [r.token_ids for r in gen.generate(prompts(), greedy())]
+            out["sampled"] = [[s.token_ids for s in r.samples] for r in gen.generate(prompts(), sampled())]
+        # A pool too small for every request at once, and 16-token chunks: preemption and chunked prefill.
+        with ContinuousGenerator(model, num_blocks=8, max_num_batched_tokens=16, progress=False) as gen:
+            out["tight"] = [r.token_ids for r in gen.generate(prompts(), greedy())]
+            out["tight_preemptions"] = gen.stats.preemptions
+        # The same by swapping: preempted blocks go to host memory and back on every rank.
+        tight = dict(num_blocks=8, max_num_batched_tokens=16, preemption_mode="swap", swap_space_gb=2**-10)
+        with ContinuousGenerator(model, progress=False, **tight) as gen:
+            out["swapped"] = [r.token_ids for r in gen.generate(prompts(), greedy())]
+            out["swapped_in_blocks"] = gen.stats.swapped_in_blocks
+        out["engine"] = asyncio.run(_engine_tokens(model))
+
+    if kv1_path is not None:
+        small = load_tp(kv1_path)
+        for what, call in [
+            ("enable", lambda: hf_paged.enable(small)),
+            ("generator", lambda: ContinuousGenerator(small, num_blocks=8, progress=False)),
+        ]:
+            try:
+                call()
+                out[f"refused_{what}"] = None
+            except ValueError as e:
+                out[f"refused_{what}"] = str(e)
+        out["kv1_enabled"] = hf_paged.is_enabled(small)
+    return out
+
+
+async def _engine_tokens(model) -> list[list[int]]:
+    from hf_paged import AsyncEngine
+
+    engine = AsyncEngine(model, None, num_blocks=NUM_BLOCKS)
+
+    async def one(prompt):
+        tokens = []
+        async for event in engine.generate(prompt, greedy()):
+            tokens += event.token_ids
+        return tokens
+
+    try:
+        return list(await asyncio.gather(*(one(p) for p in prompts())))
+    finally:
+        engine.shutdown()
+
+
+@functools.cache
+def _parity_results(name: str, root: str) -> tuple[dict, list[dict]]:
+    refs = references(name, root)
+    return refs, [unwrap(r) for r in run_ranks(_parity_rank, refs["path"], refs["kv1"], timeout=240)]
+
+
+@pytest.fixture(scope="module")
+def tp_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tp"))
 
 
 @pytest.mark.parametrize("name", ARCHS)
-def test_enable_generate_under_tp_matches_single_process(name, tmp_path_factory):
-    path, refs = saved_model(name, str(tmp_path_factory.mktemp("tp")))
-    results = [unwrap(r) for r in run_ranks(_enable_rank, path)]
+def test_enable_generate_under_tp_matches_single_process(name, tp_root):
+    refs, results = _parity_results(name, tp_root)
     heads = make_model(name).config.num_key_value_heads
     for rank, res in enumerate(results):
-        assert res["sharded_rows"] < heads * 16, "the model was not loaded sharded"
-        assert res["pool_heads"] == heads // 2, f"rank {rank}'s pool holds {res['pool_heads']} KV heads"
-        assert res["num_blocks"] == 40
-        assert res["single"] == refs, f"rank {rank} (one prompt at a time)"
-        assert res["batch"] == refs, f"rank {rank} (left-padded batch)"
+        assert res["sharded_rows"] == heads // 2 * 16, "the model was not loaded sharded"
+        assert res["enable_pool_heads"] == heads // 2, f"rank {rank}'s pool holds {res['enable_pool_heads']} KV heads"
+        assert res["enable_single"] == refs["greedy"], f"rank {rank} (one prompt at a time)"
+        assert res["enable_batch"] == refs["greedy"], f"rank {rank} (left-padded batch)"
 
 
-# ---- refusal ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ARCHS)
+def test_generator_under_tp_matches_single_process(name, tp_root):
+    refs, (r0, r1) = _parity_results(name, tp_root)
+    assert r0["pool_heads"] == make_model(name).config.num_key_value_heads // 2
+    assert r0["generator"] == refs["greedy"]
+    assert r0["sampled"] == refs["sampled"], "seeded samples (n=2, forked blocks) differ from one process"
+    assert r0["tight"] == refs["greedy"]
+    assert r0["tight_preemptions"] > 0, "the tight pool was meant to preempt"
+    assert r0["swapped"] == refs["greedy"]
+    assert r0["swapped_in_blocks"] > 0, "the tight pool was meant to swap"
+    assert r1["worker_sessions"] == 4
 
 
-def _refusal_rank(rank: int, path: str) -> dict:
-    import hf_paged
-
-    model = load_tp(path)
-    errors = {}
-    for what, call in [("enable", lambda: hf_paged.enable(model)),
-                       ("generator", lambda: hf_paged.ContinuousGenerator(model, num_blocks=8, progress=False))]:
-        try:
-            call()
-            errors[what] = None
-        except ValueError as e:
-            errors[what] = str(e)
-    errors["enabled"] = hf_paged.is_enabled(model)
-    return errors
+@pytest.mark.parametrize("name", ARCHS)
+def test_async_engine_under_tp_matches_single_process(name, tp_root):
+    refs, (r0, _) = _parity_results(name, tp_root)
+    assert r0["engine"] == refs["greedy"]
 
 
-def test_tp_size_that_splits_a_kv_head_is_refused(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("tp_kv1"))
-    model = make_model("llama")
-    model.config.num_key_value_heads = 1
-    model = type(model)(model.config).to(torch.float64).eval()  # rebuilt with one KV head
-    model.save_pretrained(f"{root}/llama_kv1")
-    for rank, res in enumerate(run_ranks(_refusal_rank, f"{root}/llama_kv1")):
-        res = unwrap(res)
+def test_tp_size_that_splits_a_kv_head_is_refused(tp_root):
+    _, results = _parity_results("llama", tp_root)
+    for rank, res in enumerate(results):
         for what in ("enable", "generator"):
-            message = res[what]
+            message = res[f"refused_{what}"]
             assert message is not None, f"rank {rank}: {what} accepted a TP size of 2 for 1 KV head"
             assert "tensor parallel size (2)" in message and "KV heads (1)" in message, message
-        assert not res["enabled"]
+        assert not res["kv1_enabled"]
+
+
+# ---- failures ---------------------------------------------------------------------------------------
+
+
+def _fail_on_call(model, call: int, message: str) -> None:
+    """Make the last decoder layer raise on its ``call``-th forward (mid-step, between collectives)."""
+    calls = [0]
+
+    def hook(module, args):
+        calls[0] += 1
+        if calls[0] == call:
+            raise RuntimeError(message)
+
+    model.model.layers[-1].register_forward_pre_hook(hook)
+
+
+def _worker_fails_rank(rank: int, path: str) -> str:
+    import hf_paged
+    from hf_paged import ContinuousGenerator
+
+    model = load_tp(path)
+    if rank == 1:
+        _fail_on_call(model, 4, "injected failure on rank 1")
+        hf_paged.run_worker(model)
+        return "rank 1 returned"
+    with ContinuousGenerator(model, num_blocks=NUM_BLOCKS, progress=False) as gen:
+        try:
+            gen.generate(prompts(), greedy())
+        except hf_paged.TensorParallelError as e:
+            try:
+                gen.generate(prompts(), greedy())  # the group is gone: refused at once, no hang
+            except hf_paged.TensorParallelError as again:
+                return f"{e} | then: {again}"
+        return "rank 0 finished"
+
+
+def test_a_failing_worker_ends_rank_0_with_its_error(tp_root):
+    path = references("llama", tp_root)["path"]
+    r0, r1 = run_ranks(_worker_fails_rank, path)
+    assert isinstance(r1, RankError) and r1.type_name == "RuntimeError" and "injected failure on rank 1" in r1.message
+    assert isinstance(r0, str) and r0.startswith("rank 1 failed: RuntimeError: injected failure on rank 1"), r0
+    assert "workers are gone" in r0
+
+
+def _rank0_fails_rank(rank: int, path: str) -> str:
+    import hf_paged
+    from hf_paged import ContinuousGenerator
+
+    model = load_tp(path)
+    if rank == 1:
+        hf_paged.run_worker(model, grace_s=2.0)
+        return "rank 1 returned"
+    _fail_on_call(model, 4, "injected failure on rank 0")
+    gen = ContinuousGenerator(model, num_blocks=NUM_BLOCKS, progress=False)
+    try:
+        gen.generate(prompts(), greedy())
+    except RuntimeError as e:
+        # Stay alive: rank 1 is blocked in the model's all-reduce of this step, which rank 0 left.
+        time.sleep(8)
+        return f"{type(e).__name__}: {e}"
+    return "rank 0 finished"
+
+
+def test_rank_0_failing_mid_step_ends_the_worker(tp_root):
+    path = references("llama", tp_root)["path"]
+    r0, r1 = run_ranks(_rank0_fails_rank, path)
+    assert r0 == "RuntimeError: injected failure on rank 0"
+    # Blocked in a collective rank 0 never joins: the watchdog ends it after its grace period.
+    assert isinstance(r1, RankError) and r1.message == "process exited with code 1", r1

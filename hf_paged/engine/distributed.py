@@ -103,13 +103,16 @@ def encode_step(step: StepInputs) -> tuple[np.ndarray, np.ndarray]:
                 parts.append(np.concatenate([np.asarray(t, dtype=np.int64) for t in value]))
             header += [len(value), -1]
             continue
+        if not len(value):
+            header += [0, 0]
+            continue
         array = np.asarray(value)
-        if array.size and array.dtype.kind not in "biu":
+        if array.dtype.kind not in "biu":
             raise TypeError(f"StepInputs.{name} holds {array.dtype} values; only integers travel to the other ranks")
         array = array.astype(np.int64).reshape(len(value), -1)
         parts.append(array.reshape(-1))
         header += [len(value), array.shape[1]]
-    payload = np.concatenate(parts)
+    payload = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     header[1] = payload.size
     return np.array(header, dtype=np.int64), payload
 
@@ -127,6 +130,8 @@ def decode_step(header: np.ndarray, payload: np.ndarray) -> StepInputs:
                 tables.append(payload[at : at + n].tolist())
                 at += n
             values[name] = tables
+        elif width == 0:
+            values[name] = []
         elif width == 1:
             values[name] = payload[at : at + count].tolist()
             at += count
