@@ -11,7 +11,8 @@
 #
 # Phases can be combined (`bash benchmarks/serve_gpu.sh hf-paged offline`). Results go to $RESULTS_DIR
 # (default /tmp/serve_bench; copied to $OUT when that is set): JSON per sweep, server logs, the PNG.
-# Knobs (env): MODEL_DIR, RATES, NUM_PROMPTS, TF_NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN, MAX_DURATION, GOODPUT.
+# Knobs (env): MODEL_DIR, RATES, NUM_PROMPTS, TF_NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN, MAX_DURATION, GOODPUT,
+# DTYPE, DEVICE, WHEEL_DIR (a CPU dry run: MODEL_DIR=<a saved `--shape default`> DTYPE=float32 DEVICE=cpu).
 # Missing Python packages (fastapi, uvicorn, pydantic, openai, ...) are installed from .whl/ when present.
 set -euo pipefail
 
@@ -24,12 +25,15 @@ INPUT_LEN=${INPUT_LEN:-64:1024}
 OUTPUT_LEN=${OUTPUT_LEN:-256}
 MAX_DURATION=${MAX_DURATION:-60}        # seconds of arrivals per rate at most
 GOODPUT=${GOODPUT:-ttft:2000,tpot:100}  # SLOs in ms
-HF_PORT=8000
-TF_PORT=8001
+DTYPE=${DTYPE:-bfloat16}
+DEVICE=${DEVICE:-cuda}
+WHEEL_DIR=${WHEEL_DIR:-.whl}
+HF_PORT=${HF_PORT:-8000}
+TF_PORT=${TF_PORT:-8001}
 mkdir -p "$RESULTS_DIR"
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEEL_DIR"/*.whl
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -39,7 +43,7 @@ BENCH="python3 benchmarks/bench_serve.py"
 
 save_model() {
   if [ ! -f "$MODEL_DIR/config.json" ]; then
-    $BENCH save-model --shape llama-8b --dtype bfloat16 --out "$MODEL_DIR"
+    $BENCH save-model --shape llama-8b --dtype "$DTYPE" --out "$MODEL_DIR"
   fi
 }
 
@@ -68,7 +72,7 @@ sweep() {  # sweep LABEL PORT MODEL_NAME NUM_PROMPTS EXTRA...
 phase_hf_paged() {
   save_model
   python3 -m hf_paged serve "$MODEL_DIR" --host 127.0.0.1 --port $HF_PORT --served-model-name llama-8b \
-    --dtype bfloat16 --log-level warning >"$RESULTS_DIR/hf_paged_server.log" 2>&1 &
+    --device "$DEVICE" --dtype "$DTYPE" --log-level warning >"$RESULTS_DIR/hf_paged_server.log" 2>&1 &
   local pid=$!
   wait_http "http://127.0.0.1:$HF_PORT/health" $pid 600
   sweep hf-paged $HF_PORT llama-8b "$NUM_PROMPTS" --ignore-eos
@@ -82,7 +86,7 @@ phase_offline() {
   save_model
   # The sweep's own prompts when its JSON is here, else the same ones regenerated (same seed and lengths).
   $BENCH offline --model "$MODEL_DIR" --requests "$RESULTS_DIR/hf-paged.json" --num-prompts "$NUM_PROMPTS" \
-    --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --out "$RESULTS_DIR/offline.json"
+    --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --dtype "$DTYPE" --out "$RESULTS_DIR/offline.json"
 }
 
 phase_transformers() {
@@ -90,7 +94,7 @@ phase_transformers() {
   # The saved generation_config has no EOS, so every request generates exactly OUTPUT_LEN tokens
   # (transformers serve refuses the ignore_eos field).
   python3 -m transformers.cli.transformers serve "$MODEL_DIR" --continuous-batching --host 127.0.0.1 \
-    --port $TF_PORT --device cuda --dtype bfloat16 --log-level warning >"$RESULTS_DIR/transformers_server.log" 2>&1 &
+    --port $TF_PORT --device "$DEVICE" --dtype "$DTYPE" --log-level warning >"$RESULTS_DIR/transformers_server.log" 2>&1 &
   local pid=$!
   wait_http "http://127.0.0.1:$TF_PORT/health" $pid 900
   sweep transformers $TF_PORT "$MODEL_DIR" "$TF_NUM_PROMPTS"
