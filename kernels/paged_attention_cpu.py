@@ -22,12 +22,18 @@ row's end, before its window, or in the future of a query are masked. Without so
 attention itself is ``scaled_dot_product_attention`` (fused on CPU: no logits in memory); with
 either, explicit matmul / softmax. The pool is zero-initialised, so masked keys are finite.
 
+Everything above depends on the step's metadata only, not on the layer: with ``plans`` (a dict that
+lives as long as the step's metadata, ``StepMetadata.plans``) it is computed by the first layer and
+reused by the others, which then run ~10 ops each.
+
 Computes in float64 for float64 queries, float32 otherwise (as the reference does). The metadata is
 read on the host (a CPU step has no device to wait for); on a GPU it works too (``backend="torch"``,
 head dims the Triton kernel lacks) but syncs a few times per call, so it is not for CUDA graphs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +62,7 @@ def paged_attention_cpu(
     num_kv_splits: int | None = None,  # the Triton kernel's tuning knob; accepted and ignored
     k_scale: torch.Tensor | None = None,  # [num_blocks, block_size, num_kv_heads] fp32, FP8 caches only
     v_scale: torch.Tensor | None = None,
+    plans: dict | None = None,  # the step's scratch dict: the row plan is made once and reused per layer
 ) -> torch.Tensor:
     """Causal attention of packed query tokens over their rows' paged K/V; returns ``out``.
 
@@ -91,23 +98,112 @@ def paged_attention_cpu(
         return out
 
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    group = num_q_heads // num_kv_heads
+    meta = (query_start_loc, seq_lens, block_tables)
+    key = ("cpu", sliding_window, num_blocks, block_size, num_tokens, num_q_heads, num_kv_heads, head_dim)
+    plan = None if plans is None else plans.get(key)
+    if plan is None or any(a is not b for a, b in zip(plan.meta, meta)):  # (a replaced tensor: plan anew)
+        plan = _plan(*meta, sliding_window, num_blocks, block_size, num_tokens, num_q_heads, group, head_dim)
+        if plans is not None:
+            plans[key] = plan
+    sink = None if sinks is None else sinks.to(compute).view(1, num_kv_heads, group, 1, 1)
+    for piece in plan.pieces:
+        _attend(piece, query, k_cache, v_cache, k_scale, v_scale, out, compute, scale, softcap, sink, group)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """One padded batch of ``n`` rows x ``nq`` query slots against ``W`` keys (everything but the layer's data)."""
+
+    n: int
+    nq: int
+    blocks: torch.Tensor | None  # [n * W / block_size] block ids to gather; None: nothing visible
+    q_index: torch.Tensor  # [n] (nq == 1) or [n, nq] packed token of each query slot
+    visible: torch.Tensor  # [n, nq, W] bool: query slot i of row r sees key w
+    mask: torch.Tensor  # the same as SDPA's mask for queries [n, Hkv, G * nq, D]
+    real: torch.Tensor | None  # [n, nq] bool: slots that are tokens of the row; None: all are
+    dst: torch.Tensor  # [m] packed token of each real slot
+    blind: torch.Tensor | None  # [m] bool: at a position < 0 (sees nothing, output 0); None: no such slot
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    meta: tuple  # the metadata tensors it was made from (checked by identity before reuse)
+    pieces: list
+
+
+def _plan(query_start_loc, seq_lens, block_tables, window, num_blocks, bs, num_tokens, num_q_heads, group, head_dim) -> _Plan:
+    """Rows into classes, buckets and pieces, with every index and mask the layers need."""
     qsl = query_start_loc.long()
     num_q = qsl[1:] - qsl[:-1]  # [B]
     seq = seq_lens.long()
     # Blocks each row reads: from the one holding its first query's window edge to its last key.
     first = seq - num_q  # position of each row's first query token
-    lo = torch.zeros_like(seq) if sliding_window is None else (first - sliding_window + 1).clamp(min=0)
-    num_b = -(-seq // block_size) - torch.minimum(lo, seq) // block_size  # [B]
-    sink = None if sinks is None else sinks.to(compute).view(1, num_kv_heads, num_q_heads // num_kv_heads, 1, 1)
-    attend = _Attend(query, k_cache, v_cache, k_scale, v_scale, block_tables, qsl, seq, out, compute, scale,
-                     sliding_window, softcap, sink)
-    attend.padded = bool(first.min() < 0)
+    lo = torch.zeros_like(seq) if window is None else (first - window + 1).clamp(min=0)
+    num_b = -(-seq // bs) - torch.minimum(lo, seq) // bs  # [B]
+    padded = bool(first.min() < 0)  # some token sits at a position < 0 (its output must be exactly 0)
+    planner = _Planner(qsl, seq, block_tables, window, num_blocks, bs, num_tokens, num_q_heads, group, head_dim, padded)
     for decode in (True, False):
         rows = (num_q == 1 if decode else num_q > 1).nonzero().flatten()
         if rows.numel():
             width, order = num_b[rows].sort(descending=True)
-            attend.run(rows[order], num_q[rows[order]], width, decode)
-    return out
+            planner.rows(rows[order], num_q[rows[order]], width, decode)
+    return _Plan((query_start_loc, seq_lens, block_tables), planner.pieces)
+
+
+def _attend(p: _Piece, query, k_cache, v_cache, k_scale, v_scale, out, compute, scale, softcap, sink, group) -> None:
+    """One piece of one layer: gather K/V, attend, write the real slots."""
+    if p.blocks is None:
+        out[p.dst] = 0
+        return
+    n, nq = p.n, p.nq
+    num_kv_heads, d = k_cache.shape[2], k_cache.shape[3]
+    k = _gather(k_cache, k_scale, p.blocks, n, compute)  # [n, Hkv, W, D]
+    v = _gather(v_cache, v_scale, p.blocks, n, compute)
+    if nq == 1:
+        q = query.index_select(0, p.q_index).view(n, num_kv_heads, group, d)
+    else:  # [n, nq, Hq, D] -> [n, Hkv, G * nq, D], query heads of one KV head adjacent
+        q = query[p.q_index].view(n, nq, num_kv_heads, group, d).permute(0, 2, 3, 1, 4)
+        q = q.reshape(n, num_kv_heads, group * nq, d)
+    q = q.to(compute)
+    if softcap is None and sink is None:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale)  # fused: no logits in memory
+    else:
+        o = _attend_explicit(q, k, v, p.visible, group, nq, scale, softcap, sink)
+    o = o.view(n, num_kv_heads, group, nq, d).permute(0, 3, 1, 2, 4)  # [n, nq, Hkv, G, D]
+    o = o.reshape(n * nq, num_kv_heads * group, d) if p.real is None else o[p.real].flatten(1, 2)
+    if p.blind is not None:
+        o = o.masked_fill(p.blind[:, None, None], 0.0)  # also replaces the NaN of a softmax over nothing
+    out.index_copy_(0, p.dst, o.to(out.dtype))
+
+
+def _attend_explicit(q, k, v, visible, group, nq, scale, softcap, sink) -> torch.Tensor:
+    """Softcap and sinks, which SDPA lacks: ``[n, Hkv, G * nq, D]`` from q ``[n, Hkv, G * nq, D]``, k/v ``[n, Hkv, W, D]``."""
+    n, num_kv_heads = q.shape[:2]
+    logits = torch.matmul(q, k.transpose(2, 3)).view(n, num_kv_heads, group, nq, -1)
+    if softcap is not None:
+        logits = torch.tanh(logits.mul_(scale / softcap)).mul_(softcap)
+    else:
+        logits.mul_(scale)
+    logits.masked_fill_(~visible[:, None, None], float("-inf"))
+    if sink is None:
+        probs = torch.softmax(logits, dim=-1)  # NaN for tokens that see nothing: zeroed by the caller
+    else:  # the sink is one more logit per head, in the denominator only
+        m = torch.maximum(logits.amax(dim=-1, keepdim=True), sink)
+        probs = (logits - m).exp_()
+        probs = probs.div_(probs.sum(dim=-1, keepdim=True) + (sink - m).exp())
+    return torch.matmul(probs.view(n, num_kv_heads, group * nq, -1), v)
+
+
+def _gather(cache: torch.Tensor, scale: torch.Tensor | None, blocks: torch.Tensor, n: int, compute) -> torch.Tensor:
+    """Whole blocks of one cache as ``[n, Hkv, W, D]`` (a transposed view) in the compute dtype,
+    dequantized when FP8."""
+    _, bs, heads, dim = cache.shape
+    x = cache.index_select(0, blocks).view(n, -1, heads, dim).to(compute)
+    if scale is not None:
+        x.mul_(scale.index_select(0, blocks).view(n, -1, heads, 1))
+    return x.transpose(1, 2)
 
 
 def _buckets(q: torch.Tensor, width: torch.Tensor, unit: int, depth: int = 3) -> list[tuple[int, int]]:
@@ -121,7 +217,7 @@ def _buckets(q: torch.Tensor, width: torch.Tensor, unit: int, depth: int = 3) ->
         return [(0, n)]
     pre = q.cummax(0).values  # max query count of rows [0, i]
     suf = q.flip(0).cummax(0).values.flip(0)  # of rows [i, n)
-    i = torch.arange(1, n)
+    i = torch.arange(1, n, device=q.device)
     split_cost = i * pre[:-1] * width[0] + (n - i) * suf[1:] * width[1:]
     k = int(split_cost.argmin())
     saved = (n * int(pre[-1]) * int(width[0]) - int(split_cost[k])) * unit
@@ -133,20 +229,17 @@ def _buckets(q: torch.Tensor, width: torch.Tensor, unit: int, depth: int = 3) ->
     return left + [(a + k, b + k) for a, b in right]
 
 
-class _Attend:
-    """One call's shared inputs; ``run`` computes one class of rows in padded batches."""
+class _Planner:
+    """Collects the pieces of one step: ``rows`` adds one class of rows."""
 
-    def __init__(self, query, k_cache, v_cache, k_scale, v_scale, block_tables, qsl, seq, out, compute, scale,
-                 window, softcap, sink):
-        self.query, self.k_cache, self.v_cache, self.block_tables = query, k_cache, v_cache, block_tables
-        self.k_scale, self.v_scale = k_scale, v_scale
-        self.qsl, self.seq, self.out, self.compute = qsl, seq, out, compute
-        self.scale, self.window, self.softcap, self.sink = scale, window, softcap, sink
-        self.num_q_heads, self.head_dim = query.shape[1], query.shape[2]
-        self.block_size = k_cache.shape[1]
-        self.padded = True  # some token sits at a position < 0 (its output must be exactly 0)
+    def __init__(self, qsl, seq, block_tables, window, num_blocks, bs, num_tokens, num_q_heads, group, head_dim, padded):
+        self.qsl, self.seq, self.block_tables, self.window, self.block_size = qsl, seq, block_tables, window, bs
+        self.num_blocks, self.device = num_blocks, qsl.device
+        self.num_tokens, self.num_q_heads, self.group, self.head_dim = num_tokens, num_q_heads, group, head_dim
+        self.padded = padded
+        self.pieces: list[_Piece] = []
 
-    def run(self, rows: torch.Tensor, num_q: torch.Tensor, width: torch.Tensor, decode: bool) -> None:
+    def rows(self, rows: torch.Tensor, num_q: torch.Tensor, width: torch.Tensor, decode: bool) -> None:
         """Rows sorted by ``width`` (key blocks, descending); ``num_q`` their query counts."""
         bs = self.block_size
         for a, b in _buckets(num_q, width, self.num_q_heads * self.head_dim * bs):
@@ -167,99 +260,38 @@ class _Attend:
                     self._piece(rows[r : r + 1], q0, min(count, q0 + q_step), all_real=True)
 
     def _piece(self, rows: torch.Tensor, q0: int, q1: int, all_real: bool) -> None:
-        """Query tokens ``[q0, q1)`` of each row in ``rows`` (padded to ``q1 - q0``), one batched pass.
-
-        ``all_real``: every row has at least ``q1`` query tokens (no padded query slots)."""
-        bs = self.block_size
+        """Query slots ``[q0, q1)`` of each row in ``rows``. ``all_real``: every row has ``>= q1`` query tokens."""
+        bs, group = self.block_size, self.group
         nq = q1 - q0
         n = rows.numel()
         start = self.qsl[rows]  # [n]
         num_q = self.qsl[rows + 1] - start
         seq = self.seq[rows]
-        first = seq - num_q + q0  # [n] position of the piece's first query token
-        device = self.query.device
-        i = torch.arange(nq, device=device)
+        first = seq - num_q + q0  # [n] position of the piece's first query slot
+        i = torch.arange(nq, device=self.device)
         pos = first[:, None] + i  # [n, nq]
         tok = start[:, None] + q0 + i  # [n, nq] packed index of each query slot
+        real = None if all_real else i[None, :] < (num_q - q0)[:, None]
+        dst, blind = (tok.flatten(), pos.flatten() < 0) if real is None else (tok[real], pos[real] < 0)
+        blind = blind if self.padded else None
         # Keys [lo, hi) hold everything the piece may see; gathered from block lo // bs on.
         hi = torch.minimum(seq, first + nq).clamp(min=0)  # [n]
         lo = torch.zeros_like(hi) if self.window is None else (first - self.window + 1).clamp(min=0)
         b_lo = torch.minimum(lo, hi) // bs
         num_b = int((-(-hi // bs) - b_lo).max())
+        q_index = tok[:, 0] if nq == 1 else tok.clamp(max=self.num_tokens - 1)
         if num_b <= 0:  # nothing visible anywhere (all padding)
-            self._store(tok, pos, num_q - q0, None, all_real)
+            self.pieces.append(_Piece(n, nq, None, q_index, pos, pos, real, dst, blind))
             return
-        cols = (b_lo[:, None] + torch.arange(num_b, device=device)).clamp(max=self.block_tables.shape[1] - 1)
+        cols = (b_lo[:, None] + torch.arange(num_b, device=self.device)).clamp(max=self.block_tables.shape[1] - 1)
         # Table entries past a row's blocks are only ever masked; clamped so any value there is a valid id.
-        blocks = self.block_tables[rows[:, None], cols].long().flatten().clamp_(0, self.k_cache.shape[0] - 1)
-        k = self._gather(self.k_cache, self.k_scale, blocks, n)  # [n, Hkv, W, D], W = num_b * bs
-        v = self._gather(self.v_cache, self.v_scale, blocks, n)
-        j = b_lo[:, None] * bs + torch.arange(num_b * bs, device=device)  # [n, W] key positions
+        blocks = self.block_tables[rows[:, None], cols].long().flatten().clamp_(0, self.num_blocks - 1)
+        j = b_lo[:, None] * bs + torch.arange(num_b * bs, device=self.device)  # [n, W] key positions
         visible = (j[:, None, :] <= pos[:, :, None]) & (j < hi[:, None])[:, None, :]  # [n, nq, W]
         if self.window is not None:
             visible &= pos[:, :, None] - j[:, None, :] < self.window
-
-        num_kv_heads = k.shape[1]
-        group = self.num_q_heads // num_kv_heads
-        d = self.head_dim
         if nq == 1:
-            q = self.query.index_select(0, tok[:, 0]).view(n, num_kv_heads, group, d)
-        else:  # [n, nq, Hq, D] -> [n, Hkv, G * nq, D], query heads of one KV head adjacent
-            q = self.query[tok.clamp(max=self.query.shape[0] - 1)].view(n, nq, num_kv_heads, group, d)
-            q = q.permute(0, 2, 3, 1, 4).reshape(n, num_kv_heads, group * nq, d)
-        q = q.to(self.compute)
-        if self.softcap is None and self.sink is None:
-            mask = visible[:, None] if nq == 1 else visible[:, None, None].expand(n, 1, group, nq, -1).reshape(n, 1, group * nq, -1)
-            # Fused on CPU: no [.., W] logits in memory.
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            mask = visible[:, None]  # [n, 1, 1, W]: the same for every head
         else:
-            o = self._attend_explicit(q, k, v, visible, group, nq)
-        o = o.view(n, num_kv_heads, group, nq, d).permute(0, 3, 1, 2, 4).reshape(n, nq, self.num_q_heads, d)
-        self._store(tok, pos, num_q - q0, o, all_real)
-
-    def _attend_explicit(self, q, k, v, visible, group, nq) -> torch.Tensor:
-        """Softcap and sinks, which SDPA lacks: ``[n, Hkv, G * nq, D]`` from q ``[n, Hkv, G * nq, D]``, k/v ``[n, Hkv, W, D]``."""
-        n, num_kv_heads = q.shape[:2]
-        logits = torch.matmul(q, k.transpose(2, 3)).view(n, num_kv_heads, group, nq, -1)
-        if self.softcap is not None:
-            logits = torch.tanh(logits.mul_(self.scale / self.softcap)).mul_(self.softcap)
-        else:
-            logits.mul_(self.scale)
-        logits.masked_fill_(~visible[:, None, None], float("-inf"))
-        if self.sink is None:
-            probs = torch.softmax(logits, dim=-1)  # NaN for tokens that see nothing: zeroed by _store
-        else:  # the sink is one more logit per head, in the denominator only
-            m = torch.maximum(logits.amax(dim=-1, keepdim=True), self.sink)
-            probs = (logits - m).exp_()
-            probs = probs.div_(probs.sum(dim=-1, keepdim=True) + (self.sink - m).exp())
-        return torch.matmul(probs.view(n, num_kv_heads, group * nq, -1), v)
-
-    def _gather(self, cache: torch.Tensor, scale: torch.Tensor | None, blocks: torch.Tensor, n: int) -> torch.Tensor:
-        """Whole blocks of one cache as ``[n, Hkv, W, D]`` (a transposed view) in the compute dtype,
-        dequantized when FP8."""
-        _, bs, heads, dim = cache.shape
-        x = cache.index_select(0, blocks).view(n, -1, heads, dim).to(self.compute)
-        if scale is not None:
-            x.mul_(scale.index_select(0, blocks).view(n, -1, heads, 1))
-        return x.transpose(1, 2)
-
-    def _store(self, tok, pos, count, o, all_real) -> None:
-        """Write the outputs ``o`` ``[n, nq, Hq, D]`` (None: zeros) of the real query slots (slot ``i`` of
-        row ``r`` is real when ``i < count[r]``); tokens at positions < 0 get exactly 0.
-
-        Every token at a position >= 0 sees at least its own key, so position < 0 is exactly "sees nothing".
-        """
-        if all_real:
-            dst, blind = tok.flatten(), pos.flatten() < 0
-        else:
-            real = torch.arange(tok.shape[1], device=tok.device)[None, :] < count[:, None]  # [n, nq]
-            dst, blind = tok[real], pos[real] < 0
-            if o is not None:
-                o = o[real]
-        if o is None:
-            self.out[dst] = 0
-            return
-        o = o.reshape(dst.shape[0], *o.shape[-2:])
-        if self.padded:
-            o = o.masked_fill(blind[:, None, None], 0.0)  # also replaces the NaN of a softmax over nothing
-        self.out.index_copy_(0, dst, o.to(self.out.dtype))
+            mask = visible[:, None, None].expand(n, 1, group, nq, -1).reshape(n, 1, group * nq, -1)
+        self.pieces.append(_Piece(n, nq, blocks, q_index, visible, mask, real, dst, blind))

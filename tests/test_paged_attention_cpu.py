@@ -179,3 +179,25 @@ def test_bucketing_does_not_change_results(monkeypatch, overhead, features):
     monkeypatch.setattr(pac, "_BUCKET_OVERHEAD", overhead)
     out = pac.paged_attention_cpu(*args, scale=0.3, **features)
     torch.testing.assert_close(out, paged_attention_reference(*args, scale=0.3, **features), rtol=1e-10, atol=1e-10)
+
+
+def test_plan_is_reused_across_layers_and_remade_for_new_metadata():
+    """One plan per step (made by the first layer); other layers' data go through it unchanged, and
+    a call with different metadata tensors plans anew instead of reusing a stale plan."""
+    args = make_problem(ROWS["mixed"], num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=16,
+                        dtype=torch.float64, seed=21)
+    query, k_cache, v_cache, *meta = args
+    plans: dict = {}
+    for layer in range(3):  # each "layer" has its own queries and K/V, same metadata
+        gen = torch.Generator().manual_seed(layer)
+        q, k, v = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (query, k_cache, v_cache))
+        for window in (None, 12):
+            out = pac.paged_attention_cpu(q, k, v, *meta, scale=0.25, sliding_window=window, plans=plans)
+            ref = paged_attention_reference(q, k, v, *meta, scale=0.25, sliding_window=window)
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert len(plans) == 2  # one per window, shared by the layers
+    tables, seq_lens, qsl, max_q = meta
+    longer = (tables.clone(), seq_lens + 5, qsl.clone(), max_q)  # same shapes, new tensors: a later step
+    out = pac.paged_attention_cpu(query, k_cache, v_cache, *longer, scale=0.25, plans=plans)
+    ref = paged_attention_reference(query, k_cache, v_cache, *longer, scale=0.25)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

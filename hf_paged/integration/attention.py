@@ -265,6 +265,8 @@ def run_paged_attention(
 
     ``k_scale``/``v_scale``: the per-slot scales of an FP8 pool, dequantized inside the kernels."""
     use_triton = q_tok.shape[-1] in TRITON_HEAD_DIMS and (backend == "triton" or (backend == "auto" and q_tok.is_cuda))
+    # The torch path plans its batches on the first layer of a step and reuses the plan in the others.
+    extra = {} if use_triton else {"plans": step.plans}
     return _attention_impl(use_triton)(
         q_tok,
         k_cache,
@@ -279,6 +281,7 @@ def run_paged_attention(
         sinks=sinks,
         k_scale=k_scale,
         v_scale=v_scale,
+        **extra,
     )
 
 

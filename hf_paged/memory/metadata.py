@@ -17,7 +17,7 @@ such a slot writes nothing and attends to nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,9 @@ class StepMetadata:
     slot_mapping: torch.Tensor  # int64 [T]: pool slot each query slot writes, -1 for padding
     max_query_len: int  # host-side upper bound on query_len, sizes the kernel grid
     max_seq_len: int  # host-side max seq_len, sizes the dense fallback gather
+    # Scratch of attention backends that plan once per step and reuse the plan in every layer (the CPU
+    # path's row buckets, gather indices and masks); filled by the first layer, dropped with the step.
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_rows(self) -> int:
