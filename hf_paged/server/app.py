@@ -317,20 +317,30 @@ class _Formatter:
         return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.model, "choices": body_choices, "usage": usage}
 
-    def chunk(self, choices: list[dict], usage: Any = None, with_usage: bool = False) -> str:
-        body = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": choices}
-        if with_usage:
-            body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    # Streamed chunks are written as strings around json.dumps of the variable parts: one chunk per
+    # token per request is the server's hottest path (thousands a second on a GPU), and the engine's step
+    # loop shares this process's interpreter lock.
+    def start_stream(self, include_usage: bool) -> None:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        self._head = (f'data: {{"id":{json.dumps(self.rid)},"object":"{obj}","created":{self.created},'
+                      f'"model":{json.dumps(self.model)},"choices":[')
+        self._tail = '],"usage":null}\n\n' if include_usage else "]}\n\n"
 
-    def delta(self, index: int, text: str | None, logprobs: Any, finish_reason: str | None, role: bool = False) -> dict:
+    def chunk(self, index: int, text: str | None, logprobs: Any, finish_reason: str | None, role: bool = False) -> str:
+        lp = "null" if logprobs is None else json.dumps(logprobs, ensure_ascii=False)
+        finish = "null" if finish_reason is None else f'"{finish_reason}"'
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if text:
-                delta["content"] = text
-            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+            if role:
+                delta = '{"role":"assistant","content":""}'
+            else:
+                delta = f'{{"content":{json.dumps(text, ensure_ascii=False)}}}' if text else "{}"
+            choice = f'{{"index":{index},"delta":{delta},"logprobs":{lp},"finish_reason":{finish}}}'
+        else:
+            choice = f'{{"index":{index},"text":{json.dumps(text or "", ensure_ascii=False)},"logprobs":{lp},"finish_reason":{finish}}}'
+        return self._head + choice + self._tail
+
+    def usage_chunk(self, usage: dict) -> str:
+        return self._head + f'],"usage":{json.dumps(usage)}}}\n\n'
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -505,9 +515,10 @@ async def _sse(fmt: _Formatter, req: Any, streams, num_prompt_tokens: int, unfin
     include_usage = req.include_usage
     completion_tokens = 0
     try:
+        fmt.start_stream(include_usage)
         if fmt.chat:  # OpenAI's first chunk of each choice names the role
             for index in range(len(streams) * n):
-                yield fmt.chunk([fmt.delta(index, "", None, None, role=True)], with_usage=include_usage)
+                yield fmt.chunk(index, "", None, None, role=True)
         async with contextlib.aclosing(_events(streams)) as events:
             async for pos, event in events:
                 completion_tokens += len(event.token_ids)
@@ -518,9 +529,9 @@ async def _sse(fmt: _Formatter, req: Any, streams, num_prompt_tokens: int, unfin
                 if not event.text and logprobs is None and not event.finished:
                     continue  # tokens whose text is held back (an incomplete character, a possible stop string)
                 finish = event.finish_reason if event.finished else None
-                yield fmt.chunk([fmt.delta(index, event.text, logprobs, finish)], with_usage=include_usage)
+                yield fmt.chunk(index, event.text, logprobs, finish)
         if include_usage:
-            yield fmt.chunk([], _usage(num_prompt_tokens, completion_tokens), with_usage=True)
+            yield fmt.usage_chunk(_usage(num_prompt_tokens, completion_tokens))
     except EngineDeadError as err:
         yield f"data: {json.dumps(OpenAIError(503, f'the engine stopped: {err}', code='engine_dead').body())}\n\n"
     finally:
