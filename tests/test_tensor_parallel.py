@@ -273,3 +273,67 @@ def test_rank_0_failing_mid_step_ends_the_worker(tp_root):
     assert r0 == "RuntimeError: injected failure on rank 0"
     # Blocked in a collective rank 0 never joins: the watchdog ends it after its grace period.
     assert isinstance(r1, RankError) and r1.message == "process exited with code 1", r1
+
+
+# ---- hf-paged serve --tensor-parallel-size ----------------------------------------------------------
+
+
+def _children(pid: int) -> dict[int, int]:
+    """rank -> pid of the processes ``hf-paged serve --tensor-parallel-size`` started (Linux /proc)."""
+    out = {}
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        for child in f.read().split():
+            with open(f"/proc/{child}/environ", "rb") as env:
+                fields = dict(kv.split(b"=", 1) for kv in env.read().split(b"\0") if b"=" in kv)
+            out[int(fields[b"RANK"])] = int(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def test_serve_tensor_parallel(tmp_path):
+    """Two servers of 2 ranks each: greedy completions equal stock generate and SIGTERM drains and exits
+    0; killing a worker ends the whole server with an error instead of leaving rank 0 up."""
+    import os
+    import signal
+
+    import httpx
+    from test_server import ROOT, ServerProcess  # the serve-process helper of the server tests
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_paged.entrypoints.demo import load_model
+
+    prompts_ = [[5, 6, 7, 8, 9, 10, 11], [300, 41, 2000, 17, 9]]
+    model, _ = load_model(None, "cpu", torch.float64)
+    model.generation_config.eos_token_id = model.config.eos_token_id  # what the server stops at
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(ROOT / "hf_paged" / "default_model"))
+    expected = [model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, len(p) :].tolist() for p in prompts_]
+    clean = ServerProcess("--tensor-parallel-size", "2", "--shutdown-timeout", "30")
+    doomed = ServerProcess("--tensor-parallel-size", "2")
+    try:
+        for server in (clean.wait_ready(), doomed.wait_ready()):
+            for p, want in zip(prompts_, expected):
+                body = {"model": "hf-paged-default", "prompt": p, "max_tokens": 10, "temperature": 0}
+                reply = httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()
+                assert reply["usage"]["completion_tokens"] == len(want), reply
+                assert reply["choices"][0]["text"] == tokenizer.decode(want, skip_special_tokens=True)
+        ranks = _children(clean.proc.pid)
+        assert sorted(ranks) == [0, 1]
+        clean.proc.send_signal(signal.SIGTERM)
+        assert clean.proc.wait(timeout=120) == 0, "".join(clean.output)
+        assert not any(_alive(pid) for pid in ranks.values())
+
+        ranks = _children(doomed.proc.pid)
+        os.kill(ranks[1], signal.SIGKILL)
+        code = doomed.proc.wait(timeout=120)
+        assert code != 0 and "rank 1 exited" in "".join(doomed.output)
+        assert not _alive(ranks[0]), "rank 0 kept serving without its worker"
+    finally:
+        clean.stop()
+        doomed.stop()

@@ -8,6 +8,7 @@ frees its pool, and the process exits 0.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
@@ -37,6 +38,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Python's thread switch interval in this process (default 1 ms; Python's is 5 ms): "
                              "bounds how long the engine's step loop waits for the interpreter lock while the "
                              "HTTP event loop is busy streaming")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="shard the model over N GPUs with transformers' tensor-parallel plan: starts N "
+                        "processes (rank 0 serves HTTP; or launch with torchrun --nproc-per-node N); N must divide "
+                        "the model's KV heads")
     engine = parser.add_argument_group("engine options")
     engine.add_argument("--max-num-seqs", type=int)
     engine.add_argument("--max-num-batched-tokens", type=int)
@@ -68,8 +73,11 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def load(model_path: str | None, device: str | None, dtype: str | None) -> tuple[Any, Any, str]:
-    """(model, tokenizer, default served name): a local folder, or the embedded default model."""
+def load(model_path: str | None, device: str | None, dtype: str | None, tensor_parallel: bool = False) -> tuple[Any, Any, str]:
+    """(model, tokenizer, default served name): a local folder, or the embedded default model.
+
+    ``tensor_parallel``: load with transformers' TP plan (this process holds its rank's shard)."""
+    import tempfile
     from pathlib import Path
 
     import torch
@@ -83,15 +91,25 @@ def load(model_path: str | None, device: str | None, dtype: str | None) -> tuple
     if model_path is None:
         from ..entrypoints.demo import load_model
 
-        model, _ = load_model(None, device, torch_dtype)
+        model, _ = load_model(None, "cpu" if tensor_parallel else device, torch_dtype)
         # The demo makes every run fixed-length; a server stops at the model's end-of-sequence token.
         model.generation_config.eos_token_id = model.config.eos_token_id
         folder = resources.files("hf_paged").joinpath("default_model")
         tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+        if not tensor_parallel:
+            return model, tokenizer, EMBEDDED_NAME
+        # Every rank builds the same seeded weights; a TP plan applies to a model loaded from a folder.
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype, tp_plan="auto").eval()
+        model.generation_config.eos_token_id = model.config.eos_token_id
         return model, tokenizer, EMBEDDED_NAME
     if not Path(model_path).is_dir():
         raise SystemExit(f"MODEL_PATH must be a local model folder, got {model_path!r}")
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
+    if tensor_parallel:  # each rank on its own accelerator (or the CPU, over gloo), as torchrun assigned
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, tp_plan="auto").eval()
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
     return model, tokenizer, model_path
 
@@ -121,6 +139,14 @@ def main_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
     if args.shutdown_timeout < 0:
         raise SystemExit(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    tp = args.tensor_parallel_size
+    if tp < 1:
+        raise SystemExit(f"--tensor-parallel-size must be >= 1, got {tp}")
+    if tp > 1 and "LOCAL_RANK" not in os.environ:  # started by hand: start one process per rank
+        return _launch_ranks(tp)
+    rank = int(os.environ.get("RANK", "0")) if tp > 1 else 0
+    if tp > 1 and int(os.environ.get("WORLD_SIZE", "1")) != tp:
+        raise SystemExit(f"--tensor-parallel-size {tp} but torchrun started {os.environ.get('WORLD_SIZE')} processes")
     import prometheus_client
 
     # Only the series the metrics list names (no "_created" timestamp per histogram and counter).
@@ -129,8 +155,18 @@ def main_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"--switch-interval-ms must be > 0, got {args.switch_interval_ms}")
     sys.setswitchinterval(args.switch_interval_ms / 1000)
     options = engine_options(args)
+    if rank != 0:  # a tensor-parallel worker: runs the steps rank 0's engine schedules, serves nothing
+        model, _, _ = load(args.model_path, args.device, args.dtype, tensor_parallel=True)
+        # Rank 0 drains its requests on SIGTERM / Ctrl-C and then releases this rank; dying first
+        # would fail the requests it is draining.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        from .. import run_worker
+
+        run_worker(model)
+        return 0
     sock = _bind(args.host, args.port)  # before the model loads: a taken port fails fast
-    model, tokenizer, default_name = load(args.model_path, args.device, args.dtype)
+    model, tokenizer, default_name = load(args.model_path, args.device, args.dtype, tensor_parallel=tp > 1)
     name = args.served_model_name or default_name
     engine = AsyncEngine(model, tokenizer, max_queued_requests=args.max_queued_requests, **options)
     try:
@@ -150,6 +186,44 @@ def main_serve(args: argparse.Namespace) -> int:
         engine.shutdown(timeout=max(args.shutdown_timeout, 1.0))
         sock.close()
     return 0 if server.started else 1
+
+
+def _launch_ranks(n: int) -> int:
+    """Run this same command as ``n`` processes, one per GPU, with torchrun's environment (``RANK``,
+    ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``): rank 0 serves HTTP, the others run
+    their shard of every step. Returns when they are all done.
+
+    SIGTERM goes to rank 0, which drains its requests and then releases the other ranks. When any
+    process fails, the others are stopped and its exit code is returned.
+    """
+    import subprocess
+    import time
+
+    with socket.socket() as s:  # a free port for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = sys.argv[1:] if sys.argv[1:2] == ["serve"] else ["serve", *sys.argv[1:]]  # hf-paged serve / main.py
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n))
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "hf_paged", *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+        for r in range(n)
+    ]
+    # Ctrl-C reaches every process of the terminal's group by itself; rank 0 handles it, the others ignore it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: procs[0].poll() is None and procs[0].send_signal(signal.SIGTERM))
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = next((r for r, c in enumerate(codes) if c not in (None, 0)), None)
+        if failed is not None:
+            print(f"hf-paged serve: rank {failed} exited with code {codes[failed]}; stopping the other ranks",
+                  file=sys.stderr, flush=True)
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            return codes[failed]
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.2)
 
 
 def _make_server(config: Any, state: Any, url: str, name: str) -> Any:
