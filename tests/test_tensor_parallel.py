@@ -41,6 +41,16 @@ def greedy():
     return SamplingParams(max_new_tokens=NEW, temperature=0.0)
 
 
+def with_prompt_logprobs():
+    from hf_paged import SamplingParams
+
+    return SamplingParams(max_new_tokens=3, temperature=0.0, prompt_logprobs=2)
+
+
+def logprob_table(results) -> list[list[tuple[int, float] | None]]:
+    return [[None if e is None else (e.token_id, e.logprob) for e in r.prompt_logprobs] for r in results]
+
+
 def sampled():
     from hf_paged import SamplingParams
 
@@ -70,12 +80,13 @@ def references(name: str, root: str) -> dict:
         greedy_refs.append(out[0, len(p) :].tolist())
     with ContinuousGenerator(model, num_blocks=NUM_BLOCKS, progress=False) as gen:
         sampled_refs = [[s.token_ids for s in r.samples] for r in gen.generate(prompts(), sampled())]
+        prompt_logprobs = logprob_table(gen.generate(prompts(), with_prompt_logprobs()))
     kv1 = None
     if name == "llama":  # a model whose single KV head two ranks cannot split
         model.config.num_key_value_heads = 1
         kv1 = f"{root}/llama_kv1"
         type(model)(model.config).to(torch.float64).save_pretrained(kv1)
-    return {"path": path, "greedy": greedy_refs, "sampled": sampled_refs, "kv1": kv1}
+    return {"path": path, "greedy": greedy_refs, "sampled": sampled_refs, "kv1": kv1, "prompt_logprobs": prompt_logprobs}
 
 
 def _parity_rank(rank: int, path: str, kv1_path: str | None) -> dict:
@@ -115,6 +126,8 @@ def _parity_rank(rank: int, path: str, kv1_path: str | None) -> dict:
         with ContinuousGenerator(model, num_blocks=8, max_num_batched_tokens=16, progress=False) as gen:
             out["tight"] = [r.token_ids for r in gen.generate(prompts(), greedy())]
             out["tight_preemptions"] = gen.stats.preemptions
+            # Prompt logprobs add logit rows to chunked prefill steps: every rank must keep the same rows.
+            out["prompt_logprobs"] = logprob_table(gen.generate(prompts(), with_prompt_logprobs()))
         # The same by swapping: preempted blocks go to host memory and back on every rank.
         tight = dict(num_blocks=8, max_num_batched_tokens=16, preemption_mode="swap", swap_space_gb=2**-10)
         with ContinuousGenerator(model, progress=False, **tight) as gen:
@@ -184,6 +197,10 @@ def test_generator_under_tp_matches_single_process(name, tp_root):
     assert r0["sampled"] == refs["sampled"], "seeded samples (n=2, forked blocks) differ from one process"
     assert r0["tight"] == refs["greedy"]
     assert r0["tight_preemptions"] > 0, "the tight pool was meant to preempt"
+    for got, want in zip(r0["prompt_logprobs"], refs["prompt_logprobs"], strict=True):
+        assert got[0] is None and want[0] is None and len(got) == len(want)
+        assert [g[0] for g in got[1:]] == [w[0] for w in want[1:]]
+        assert max(abs(g[1] - w[1]) for g, w in zip(got[1:], want[1:])) < 1e-9  # float64, sharded sums
     assert r0["swapped"] == refs["greedy"]
     assert r0["swapped_in_blocks"] > 0, "the tight pool was meant to swap"
     assert r1["worker_sessions"] == 4

@@ -46,6 +46,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -97,10 +98,8 @@ def encode_step(step: StepInputs) -> tuple[np.ndarray, np.ndarray]:
     for name in _STEP_FIELDS:
         value = getattr(step, name)
         if name == _RAGGED:
-            lens = np.fromiter((len(t) for t in value), dtype=np.int64, count=len(value))
-            parts.append(lens)
-            if int(lens.sum()):
-                parts.append(np.concatenate([np.asarray(t, dtype=np.int64) for t in value]))
+            parts.append(np.fromiter((len(t) for t in value), dtype=np.int64, count=len(value)))
+            parts.append(np.array(list(itertools.chain.from_iterable(value)), dtype=np.int64))
             header += [len(value), -1]
             continue
         if not len(value):
@@ -124,11 +123,12 @@ def decode_step(header: np.ndarray, payload: np.ndarray) -> StepInputs:
         count, width = int(header[2 + 2 * i]), int(header[3 + 2 * i])
         if width == -1:
             lens = payload[at : at + count].tolist()
-            at += count
-            tables = []
+            flat = payload[at + count : at + count + sum(lens)].tolist()
+            at += count + len(flat)
+            tables, start = [], 0
             for n in lens:
-                tables.append(payload[at : at + n].tolist())
-                at += n
+                tables.append(flat[start : start + n])
+                start += n
             values[name] = tables
         elif width == 0:
             values[name] = []
