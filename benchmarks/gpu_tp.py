@@ -77,14 +77,15 @@ def barrier() -> None:
         dist.barrier(group=CPU_GROUP)
 
 
-def build(shape: str, world: int, device: torch.device, dtype: torch.dtype):
-    """The random-weight model, loaded sharded over the ranks (whole on one GPU when world == 1)."""
+def build(shape: str, world: int, device: torch.device, dtype: torch.dtype, path: str | None = None):
+    """The random-weight model (or the checkpoint at ``path``), loaded sharded over the ranks (whole on
+    one GPU when world == 1)."""
     import transformers
     from safetensors.torch import save_file
 
-    folder = f"/tmp/hf_paged_gpu_tp_{shape}"
+    folder = path or f"/tmp/hf_paged_gpu_tp_{shape}"
     config = transformers.LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0)
-    if RANK == 0:
+    if RANK == 0 and path is None:
         os.makedirs(folder, exist_ok=True)
         config.save_pretrained(folder)
         # One tensor present, every other weight missing: from_pretrained initialises those on each
@@ -141,6 +142,7 @@ def sync(device: torch.device) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
+    p.add_argument("--model-path", help="load this checkpoint folder instead of random weights of --shape")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--min-len", type=int, default=64)
     p.add_argument("--max-len", type=int, default=1024)
@@ -163,14 +165,14 @@ def main() -> int:
     from hf_paged.entrypoints.bench import Workload
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, load_s, weight_bytes = build(args.shape, world, device, dtype)
+    model, load_s, weight_bytes = build(args.shape, world, device, dtype, args.model_path)
     vocab = model.config.vocab_size
     workload = Workload(args.num_prompts, args.min_len, args.max_len, args.new_tokens)
     prompts = workload.prompts(vocab)
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     opts = dict(progress=False, max_num_seqs=args.max_num_seqs)
     main_opts = dict(opts, cuda_graphs=not args.no_cuda_graphs)
-    row: dict = {"shape": args.shape, "tp": world, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    row: dict = {"shape": args.model_path or args.shape, "tp": world, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                  "load_s": load_s, "weights_gib": weight_bytes / 2**30}
     run_worker = hf_paged.run_worker  # ranks > 0: one call per generator rank 0 opens
 
