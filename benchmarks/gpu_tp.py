@@ -8,7 +8,8 @@ run ``hf_paged.run_worker`` for each engine phase and join HF ``generate`` in lo
     torchrun --nproc-per-node 2 benchmarks/gpu_tp.py --shape llama-8b --out /tmp/tp2.json --compare /tmp/tp1.json
 
     # 4 GPUs, Llama-70B shape (does not fit one GPU), against HF static generate under the same plan
-    torchrun --nproc-per-node 4 benchmarks/gpu_tp.py --shape llama-70b --hf --out /tmp/tp4_70b.json
+    # (HF on the first 128 prompts: its eager 80-layer decode would take most of the time budget)
+    torchrun --nproc-per-node 4 benchmarks/gpu_tp.py --shape llama-70b --hf --hf-num-prompts 128 --out /tmp/tp4_70b.json
 
     # CPU smoke test of the script itself (gloo, tiny shape)
     torchrun --nproc-per-node 2 benchmarks/gpu_tp.py --shape tiny --num-prompts 8 --max-len 64 --new-tokens 8 --hf
