@@ -188,3 +188,17 @@ def test_prompt_logprobs_survive_preemption_and_stream_once():
         ]
     events = [e for e in new(model).stream(prompts[:2], params) if e.prompt_logprobs is not None]
     assert [len(e.prompt_logprobs) for e in events] == [len(p) for p in prompts[:2]]
+
+
+def test_incremental_text_through_the_rust_decoder_equals_decode():
+    from transformers import AutoTokenizer
+
+    from hf_paged.engine.request import IncrementalDetokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(__import__("pathlib").Path(__import__("hf_paged").__file__).parent / "default_model"))
+    ids = tok("héllo wörld, streaming ✓ text 123").input_ids[1:]
+    detok = IncrementalDetokenizer(tok, ())
+    for t in ids:
+        detok.append(t)
+    detok.flush()
+    assert detok.text == tok.decode(ids, skip_special_tokens=True)

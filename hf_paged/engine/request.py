@@ -49,15 +49,13 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
+        self._decode = _fast_decode(tokenizer)
         self.stop = stop
         self.max_stop_len = max((len(s) for s in stop), default=0)
         self.ids: list[int] = []
         self.text = ""
         self.prefix_offset = 0
         self.read_offset = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def append(self, token_id: int) -> bool:
         """Add a token; True when a stop string appeared (``text`` is then cut before it)."""
@@ -92,6 +90,15 @@ class IncrementalDetokenizer:
         if finished or self.max_stop_len <= 1:
             return len(self.text)
         return max(0, len(self.text) - (self.max_stop_len - 1))
+
+
+def _fast_decode(tokenizer: Any):
+    """``decode(ids, skip_special_tokens=True)``, straight through the Rust tokenizer when that gives the
+    same text (a fast tokenizer without clean-up): ~7x less Python per call, and this runs twice per token."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if callable(getattr(backend, "decode", None)) and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 @dataclass(slots=True, eq=False)
