@@ -327,6 +327,7 @@ class AsyncEngine:
         dead.__cause__ = error
         try:
             self.core.abort_all(reason="error")
+            self._stats = self.core.stats()  # before anyone hears of the failure and reads them
         except BaseException:  # noqa: BLE001 - the pool may be unusable after e.g. a CUDA error
             pass
         with self._lock:
@@ -338,10 +339,6 @@ class AsyncEngine:
             stream.ended = True
             self._emit_to(stream, dead, deliveries)
         self._deliver(deliveries)
-        try:
-            self._stats = self.core.stats()
-        except BaseException:  # noqa: BLE001
-            pass
 
     # ---- lifetime --------------------------------------------------------------------------------
     def shutdown(self, timeout: float = 30.0) -> None:
