@@ -128,10 +128,14 @@ async def drive_engine(engine: AsyncEngine, prompts, offsets, params) -> RunResu
 def run_offline(model, prompts, params, options) -> RunResult:
     gen = ContinuousGenerator(model, progress=False, **options)
     gen.generate(longest(prompts), params)  # warm-up: kernels, and graphs as wide as the real run's
-    gen.reset_prefix_cache()
-    t0 = time.perf_counter()
-    results = gen.generate(prompts, params)
-    wall = time.perf_counter() - t0
+    # Two timed runs, the second reported: the first still pays one-off costs (Triton compiles of step
+    # shapes the warm-up did not meet), which the engine runs, measured after it, no longer pay.
+    for _ in range(2):
+        gen.reset_prefix_cache()
+        t0 = time.perf_counter()
+        results = gen.generate(prompts, params)
+        wall = time.perf_counter() - t0
+        print(f"offline run: {sum(len(r.token_ids) for r in results) / wall:,.0f} out tok/s", flush=True)
     records = [RequestRecord(0.0, r.ttft_s, r.latency_s, len(r.token_ids)) for r in results]
     gen.close()  # the engine runs next and sizes its own pool from the free memory
     return RunResult("hf_paged ContinuousGenerator (offline)", math.inf, records, wall)
