@@ -120,7 +120,10 @@ def test_output_attentions_match_stock_eager(name, kind):
 @pytest.mark.parametrize("mode", ["assisted", "prompt_lookup"])
 def test_output_attentions_with_assisted_decoding(mode):
     model = make_model("llama", attn_implementation="eager")
-    extra = {"assistant_model": make_model("llama", seed=1, attn_implementation="eager")} if mode == "assisted" else {"prompt_lookup_num_tokens": 2}
+    if mode == "assisted":
+        extra = {"assistant_model": make_model("llama", seed=1, attn_implementation="eager")}
+    else:
+        extra = {"prompt_lookup_num_tokens": 2}
     ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
     kwargs = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_attentions=True, **extra)
     stock = model.generate(input_ids=ids, **kwargs)
@@ -366,7 +369,9 @@ def test_pool_exhausted_mid_call_is_a_clear_error():
     try:
         thief = _TakeBlocks(model)
         with pytest.raises(hf_paged.PoolExhaustedError, match="KV pool is full"):
-            model.generate(**left_padded_batch([6, 11], seed=14), max_new_tokens=40, stopping_criteria=StoppingCriteriaList([thief]))
+            model.generate(
+                **left_padded_batch([6, 11], seed=14), max_new_tokens=40, stopping_criteria=StoppingCriteriaList([thief])
+            )
         allocator = model._hf_paged_state.pool.allocator
         allocator.free(thief.taken)
         assert allocator.is_whole()

@@ -322,7 +322,7 @@ class PagedCache(Cache):
         mask = self._pending_mask
         if mask is None:
             if self._new_call and self._logical_len:
-                self._check_context(torch.ones((batch, self._logical_len), dtype=torch.bool))
+                self._check_context(torch.ones((batch, self._logical_len), dtype=torch.bool), given=False)
             self._new_call = False
             return None
         if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] != self._logical_len + q_len:
@@ -368,7 +368,7 @@ class PagedCache(Cache):
             else:
                 columns.extend((start + new[row].nonzero().flatten()).tolist())
 
-    def _check_context(self, context: torch.Tensor) -> None:
+    def _check_context(self, context: torch.Tensor, given: bool = True) -> None:
         """The first forward of a call brings the mask of the stored columns: hide tokens it masks.
 
         A column that is 1 now but was masked when it was processed was never stored, so the mask
@@ -389,9 +389,10 @@ class PagedCache(Cache):
             missing = context[row] & ~stored
             if bool(missing.any()):
                 column = int(missing.nonzero()[0])
+                which = "the attention mask" if given else "the attention mask (none was passed: all ones)"
                 raise ValueError(
-                    f"row {row} of the attention mask has a 1 at column {column}, which was masked out when it "
-                    "was processed, so hf_paged never stored it; pass the same mask for columns already in the cache"
+                    f"row {row} of {which} has a 1 at column {column}, which was masked out when it was "
+                    "processed, so hf_paged never stored it; pass the same mask for columns already in the cache"
                 )
             hidden.append(set((stored & ~context[row]).nonzero().flatten().tolist()))
         self._hidden = hidden if any(hidden) else None
@@ -415,7 +416,9 @@ class PagedCache(Cache):
         for row in range(batch):
             columns = tuple(self._columns[row]) if self._columns is not None else None
             hidden = tuple(sorted(self._hidden[row])) if self._hidden is not None else None
-            key = (tuple(self._blocks[row]), self._lens[row], columns, hidden, tuple(ids[row]), mask[row] and tuple(mask[row]))
+            key = (
+                tuple(self._blocks[row]), self._lens[row], columns, hidden, tuple(ids[row]), mask[row] and tuple(mask[row])
+            )
             source = first.setdefault(key, row)
             same_as.append(None if source == row else source)
         return same_as

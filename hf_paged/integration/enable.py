@@ -203,7 +203,8 @@ def _explicit_cache_choice(model: torch.nn.Module, kwargs: dict) -> str | None:
 
 
 def _prompt_columns(args: tuple, kwargs: dict) -> int:
-    for candidate in (args[0] if args else None, kwargs.get("inputs"), kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+    candidates = (args[0] if args else None, kwargs.get("inputs"), kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+    for candidate in candidates:
         if isinstance(candidate, torch.Tensor) and candidate.dim() >= 2:
             return int(candidate.shape[1])
     return 0

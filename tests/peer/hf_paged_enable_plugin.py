@@ -18,6 +18,8 @@ import pathlib
 import pytest
 
 EXCLUDED_FILE = pathlib.Path(__file__).with_name("excluded_tests.txt")
+# What the run did, reported at the end: models enabled, generate calls that ran with a PagedCache.
+COUNTS = {"models enabled": 0, "paged generate calls": 0}
 
 
 def load_excluded(path: pathlib.Path = EXCLUDED_FILE) -> dict[str, str]:
@@ -36,11 +38,17 @@ def load_excluded(path: pathlib.Path = EXCLUDED_FILE) -> dict[str, str]:
 
 def _enable_on_construction() -> None:
     import hf_paged
+    from hf_paged import PagedCache
     from transformers import GenerationMixin, PreTrainedModel
 
     original_post_init = PreTrainedModel.post_init
     if getattr(original_post_init, "_hf_paged_plugin", False):
         return
+    original_begin_call = PagedCache.begin_call
+
+    def begin_call(self, *args, **kwargs):
+        COUNTS["paged generate calls"] += 1
+        return original_begin_call(self, *args, **kwargs)
 
     def post_init(self, *args, **kwargs):
         original_post_init(self, *args, **kwargs)
@@ -52,9 +60,11 @@ def _enable_on_construction() -> None:
             and not hf_paged.is_enabled(self)
         ):
             hf_paged.enable(self)
+            COUNTS["models enabled"] += 1
 
     post_init._hf_paged_plugin = True
     PreTrainedModel.post_init = post_init
+    PagedCache.begin_call = begin_call
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -70,5 +80,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 break
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    return f"hf_paged: enable() applied to every generative model ({len(load_excluded())} tests excluded)"
+def pytest_terminal_summary(terminalreporter) -> None:
+    counts = ", ".join(f"{value} {name}" for name, value in COUNTS.items())
+    terminalreporter.write_line(f"hf_paged: {counts}; {len(load_excluded())} excluded test patterns")
