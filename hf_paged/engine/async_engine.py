@@ -24,6 +24,7 @@ import asyncio
 import atexit
 import dataclasses
 import itertools
+import sys
 import threading
 import time
 import weakref
@@ -37,6 +38,10 @@ from ..options import EngineOptions, from_kwargs
 from .core import EngineCore, EngineStats, RequestGroup, RequestMetrics
 from .request import IncrementalDetokenizer, StreamEvent
 from .sampling_params import SamplingParams
+
+
+# Python's GIL switch interval while an engine runs (see AsyncEngine.__init__).
+ENGINE_SWITCH_INTERVAL_S = 0.001
 
 
 class EngineOverloadedError(RuntimeError):
@@ -118,6 +123,11 @@ class AsyncEngine:
         self._error: BaseException | None = None
         self._stats = self.core.stats()
         self._in_transit = 0  # adds taken from the inbox whose requests the stats do not count yet
+        # The engine thread needs the GIL back as soon as each step's GPU sync returns; while callers'
+        # threads stream events, Python's default 5 ms switch interval can add up to 5 ms to every step.
+        self._switch_interval = sys.getswitchinterval()
+        if self._switch_interval > ENGINE_SWITCH_INTERVAL_S:
+            sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._loop, name="hf_paged-engine", daemon=True)
         self._thread.start()
         # A program that exits (or is interrupted) without shutdown() still stops the thread first.
@@ -360,6 +370,8 @@ class AsyncEngine:
             self._thread.join()
         if self._error is None:
             self.core.close()
+        if sys.getswitchinterval() == ENGINE_SWITCH_INTERVAL_S < self._switch_interval:
+            sys.setswitchinterval(self._switch_interval)  # ours, unchanged since: give the old one back
 
     def __enter__(self) -> "AsyncEngine":
         return self

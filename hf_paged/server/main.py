@@ -153,7 +153,6 @@ def main_serve(args: argparse.Namespace) -> int:
     prometheus_client.disable_created_metrics()
     if not args.switch_interval_ms > 0:
         raise SystemExit(f"--switch-interval-ms must be > 0, got {args.switch_interval_ms}")
-    sys.setswitchinterval(args.switch_interval_ms / 1000)
     options = engine_options(args)
     if rank != 0:  # a tensor-parallel worker: runs the steps rank 0's engine schedules, serves nothing
         model, _, _ = load(args.model_path, args.device, args.dtype, tensor_parallel=True)
@@ -169,6 +168,7 @@ def main_serve(args: argparse.Namespace) -> int:
     model, tokenizer, default_name = load(args.model_path, args.device, args.dtype, tensor_parallel=tp > 1)
     name = args.served_model_name or default_name
     engine = AsyncEngine(model, tokenizer, max_queued_requests=args.max_queued_requests, **options)
+    sys.setswitchinterval(args.switch_interval_ms / 1000)  # after the engine, which sets its own default
     try:
         app = build_app(engine, name, tuple(args.api_key))
         config = uvicorn.Config(app, log_level=args.log_level, access_log=False,
