@@ -88,6 +88,10 @@ def test_fine_grained_fp8_weights_under_the_engine():
     ).eval()
     model.generation_config.pad_token_id = 0
     assert model.model.layers[0].mlp.up_proj.weight.dtype == FP8
+    try:
+        model(torch.tensor([[5, 6, 7]], device="cuda"))
+    except ImportError as e:  # some transformers versions load the FP8 matmul from the `kernels` package
+        pytest.skip(f"stock transformers cannot run FP8 weights here: {e}")
     prompts = _prompts(2)
     gen = ContinuousGenerator(model, num_blocks=64, progress=False)
     results = gen.generate(prompts, SamplingParams(max_new_tokens=16, temperature=0, logprobs=0, ignore_eos=True))

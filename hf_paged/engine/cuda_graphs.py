@@ -123,6 +123,7 @@ class DecodeGraphs:
         b.step.seq_lens.copy_(d[2 * size : 3 * size])
         b.step.slot_mapping.copy_(d[3 * size : 4 * size])
         b.step.block_tables.copy_(d[4 * size :].view(size, m))
+        b.step.plans.clear()  # the bucket's metadata is reused with new values: plans made from old ones are stale
 
     def _capture(self, b: _Bucket) -> None:
         start = time.perf_counter()
