@@ -310,14 +310,20 @@ async def main_run_async(args) -> int:
         url = args.base_url.rstrip("/") + path
         # Warm-up (not measured): first-request costs (compilation, graph capture, connection setup), with
         # the longest prompts so that buffers sized by sequence length are at their final size.
-        longest = sorted(range(len(prompts)), key=lambda i: -lengths[i])[: args.warmup]
-        warm = await asyncio.gather(*(send(client, url, request_body(args, model, prompts[i]), lengths[i],
+        warm_prompts, warm_lengths = make_prompts(max(args.warmup, 1) * 4, args.input_len, args.seed + 104729,
+                                                  args.tokenizer, args.vocab_size)
+        longest = sorted(range(len(warm_prompts)), key=lambda i: -warm_lengths[i])[: args.warmup]
+        warm = await asyncio.gather(*(send(client, url, request_body(args, model, warm_prompts[i]), warm_lengths[i],
                                            args.endpoint == "chat", args.request_timeout) for i in longest))
         bad = [o.error for o in warm if not o.ok]
         if bad:
             raise SystemExit(f"warm-up requests failed: {bad[:3]}")
         rows = []
-        for rate in rates:
+        for k, rate in enumerate(rates):
+            # Fresh prompts per rate: the server's prefix cache must not serve one rate the prompts of another.
+            if k:
+                prompts, lengths = make_prompts(args.num_prompts, args.input_len, args.seed + 7919 * k,
+                                                args.tokenizer, args.vocab_size)
             outcomes, duration, peak = await run_rate(args, client, url, model, prompts, lengths, rate)
             rows.append(summarize(rate, outcomes, duration, peak, slo))
             print(render_table(rows[-1:], f"{args.label} @ rate {rate}"), flush=True)
@@ -327,7 +333,7 @@ async def main_run_async(args) -> int:
     if args.out:
         record = {"label": args.label, "base_url": args.base_url, "model": model, "endpoint": args.endpoint,
                   "num_prompts": args.num_prompts, "input_len": list(args.input_len), "output_len": args.output_len,
-                  "slo_ms": slo, "rows": rows, "prompts": prompts}
+                  "slo_ms": slo, "rows": rows, "prompts": prompts}  # the last rate's prompts (offline reruns them)
         Path(args.out).write_text(json.dumps(record))
         print(f"wrote {args.out}")
     failed = sum(r["failed"] for r in rows)

@@ -473,8 +473,8 @@ def test_load_generator(server, tmp_path, monkeypatch):
             "--goodput", "ttft:60000,tpot:60000", "--out", str(out), "--fail-on-error"]
     assert bench.main(argv) == 0
     record = json.loads(out.read_text())
-    _, lengths = bench.make_prompts(6, (8, 24), 0, str(ROOT / "hf_paged" / "default_model"), None)
-    for row in record["rows"]:
+    for k, row in enumerate(record["rows"]):  # each rate sends its own prompts (seed + 7919 k)
+        _, lengths = bench.make_prompts(6, (8, 24), 7919 * k, str(ROOT / "hf_paged" / "default_model"), None)
         assert (row["sent"], row["completed"], row["output_tokens"]) == (6, 6, 30)
         assert row["prompt_tokens"] == sum(lengths) + 6  # exact prompt lengths, plus each prompt's BOS
         assert row["goodput_req_per_s"] == pytest.approx(row["req_per_s"])
