@@ -33,6 +33,7 @@ head dims the Triton kernel lacks) but syncs a few times per call, so it is not 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -100,10 +101,10 @@ def paged_attention_cpu(
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     group = num_q_heads // num_kv_heads
     meta = (query_start_loc, seq_lens, block_tables)
-    key = ("cpu", sliding_window, num_blocks, block_size, num_tokens, num_q_heads, num_kv_heads, head_dim)
+    key = ("cpu", sliding_window, num_blocks, block_size, num_tokens, num_q_heads, num_kv_heads, head_dim, compute)
     plan = None if plans is None else plans.get(key)
     if plan is None or any(a is not b for a, b in zip(plan.meta, meta)):  # (a replaced tensor: plan anew)
-        plan = _plan(*meta, sliding_window, num_blocks, block_size, num_tokens, num_q_heads, group, head_dim)
+        plan = _plan(*meta, sliding_window, num_blocks, block_size, num_tokens, num_q_heads, group, head_dim, compute)
         if plans is not None:
             plans[key] = plan
     sink = None if sinks is None else sinks.to(compute).view(1, num_kv_heads, group, 1, 1)
@@ -119,11 +120,12 @@ class _Piece:
     n: int
     nq: int
     blocks: torch.Tensor | None  # [n * W / block_size] block ids to gather; None: nothing visible
-    q_index: torch.Tensor  # [n] (nq == 1) or [n, nq] packed token of each query slot
+    tokens: tuple[int, int] | None  # (first, count): the slots are packed tokens [first, first + count), all real
+    q_index: torch.Tensor | None  # [n] (nq == 1) or [n, nq] packed token of each query slot (None with tokens)
     visible: torch.Tensor  # [n, nq, W] bool: query slot i of row r sees key w
-    mask: torch.Tensor  # the same as SDPA's mask for queries [n, Hkv, G * nq, D]
+    mask: torch.Tensor  # the same as SDPA's additive mask (0 / -inf, compute dtype) for queries [n, Hkv, G * nq, D]
     real: torch.Tensor | None  # [n, nq] bool: slots that are tokens of the row; None: all are
-    dst: torch.Tensor  # [m] packed token of each real slot
+    dst: torch.Tensor | None  # [m] packed token of each real slot (None with tokens)
     blind: torch.Tensor | None  # [m] bool: at a position < 0 (sees nothing, output 0); None: no such slot
 
 
@@ -133,40 +135,51 @@ class _Plan:
     pieces: list
 
 
-def _plan(query_start_loc, seq_lens, block_tables, window, num_blocks, bs, num_tokens, num_q_heads, group, head_dim) -> _Plan:
-    """Rows into classes, buckets and pieces, with every index and mask the layers need."""
-    qsl = query_start_loc.long()
-    num_q = qsl[1:] - qsl[:-1]  # [B]
-    seq = seq_lens.long()
-    # Blocks each row reads: from the one holding its first query's window edge to its last key.
-    first = seq - num_q  # position of each row's first query token
-    lo = torch.zeros_like(seq) if window is None else (first - window + 1).clamp(min=0)
-    num_b = -(-seq // bs) - torch.minimum(lo, seq) // bs  # [B]
-    padded = bool(first.min() < 0)  # some token sits at a position < 0 (its output must be exactly 0)
-    planner = _Planner(qsl, seq, block_tables, window, num_blocks, bs, num_tokens, num_q_heads, group, head_dim, padded)
-    for decode in (True, False):
-        rows = (num_q == 1 if decode else num_q > 1).nonzero().flatten()
-        if rows.numel():
-            width, order = num_b[rows].sort(descending=True)
-            planner.rows(rows[order], num_q[rows[order]], width, decode)
+def _plan(query_start_loc, seq_lens, block_tables, window, num_blocks, bs, num_tokens, num_q_heads, group, head_dim,
+          compute) -> _Plan:
+    """Rows into classes, buckets and pieces, with every index and mask the layers need.
+
+    The decisions (classes, buckets, piece sizes) are made on host integers: a few dozen small tensor ops
+    would cost more than these list passes, and they run once per step, not per layer.
+    """
+    qsl = query_start_loc.tolist()
+    seq = seq_lens.tolist()
+    num_q = [b - a for a, b in zip(qsl, qsl[1:])]
+    first = [s - q for s, q in zip(seq, num_q)]  # position of each row's first query token
+    # Key blocks each row reads: from the one holding its first query's window edge to its last key.
+    if window is None:
+        width = [-(-s // bs) for s in seq]
+    else:
+        width = [-(-s // bs) - min(max(f - window + 1, 0), s) // bs for s, f in zip(seq, first)]
+    padded = min(first, default=0) < 0  # some token sits at a position < 0 (its output must be exactly 0)
+    planner = _Planner(query_start_loc, seq_lens, block_tables, window, num_blocks, bs, num_tokens, num_q_heads,
+                       group, head_dim, padded, compute)
+    decode = [r for r, q in enumerate(num_q) if q == 1]
+    multi = [r for r, q in enumerate(num_q) if q > 1]
+    for rows, is_decode in ((decode, True), (multi, False)):
+        if rows:
+            planner.rows(rows, num_q, width, is_decode)
     return _Plan((query_start_loc, seq_lens, block_tables), planner.pieces)
 
 
 def _attend(p: _Piece, query, k_cache, v_cache, k_scale, v_scale, out, compute, scale, softcap, sink, group) -> None:
     """One piece of one layer: gather K/V, attend, write the real slots."""
     if p.blocks is None:
-        out[p.dst] = 0
+        _store(p, out, None)
         return
     n, nq = p.n, p.nq
     num_kv_heads, d = k_cache.shape[2], k_cache.shape[3]
     k = _gather(k_cache, k_scale, p.blocks, n, compute)  # [n, Hkv, W, D]
     v = _gather(v_cache, v_scale, p.blocks, n, compute)
+    if p.tokens is not None:
+        q = query.narrow(0, p.tokens[0], p.tokens[1])
+    else:
+        q = query.index_select(0, p.q_index) if nq == 1 else query[p.q_index]
     if nq == 1:
-        q = query.index_select(0, p.q_index).view(n, num_kv_heads, group, d)
+        q = q.view(n, num_kv_heads, group, d)
     else:  # [n, nq, Hq, D] -> [n, Hkv, G * nq, D], query heads of one KV head adjacent
-        q = query[p.q_index].view(n, nq, num_kv_heads, group, d).permute(0, 2, 3, 1, 4)
-        q = q.reshape(n, num_kv_heads, group * nq, d)
-    q = q.to(compute)
+        q = q.view(n, nq, num_kv_heads, group, d).permute(0, 2, 3, 1, 4).reshape(n, num_kv_heads, group * nq, d)
+    q = _cast(q, compute)
     if softcap is None and sink is None:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale)  # fused: no logits in memory
     else:
@@ -175,7 +188,18 @@ def _attend(p: _Piece, query, k_cache, v_cache, k_scale, v_scale, out, compute, 
     o = o.reshape(n * nq, num_kv_heads * group, d) if p.real is None else o[p.real].flatten(1, 2)
     if p.blind is not None:
         o = o.masked_fill(p.blind[:, None, None], 0.0)  # also replaces the NaN of a softmax over nothing
-    out.index_copy_(0, p.dst, o.to(out.dtype))
+    _store(p, out, o)
+
+
+def _store(p: _Piece, out: torch.Tensor, o: torch.Tensor | None) -> None:
+    """Write the piece's real slots (``o`` ``[m, Hq, D]``; None: zeros)."""
+    if p.tokens is not None:
+        dst = out.narrow(0, p.tokens[0], p.tokens[1])
+        dst.zero_() if o is None else dst.copy_(o)
+    elif o is None:
+        out[p.dst] = 0
+    else:
+        out.index_copy_(0, p.dst, _cast(o, out.dtype))
 
 
 def _attend_explicit(q, k, v, visible, group, nq, scale, softcap, sink) -> torch.Tensor:
@@ -196,34 +220,35 @@ def _attend_explicit(q, k, v, visible, group, nq, scale, softcap, sink) -> torch
     return torch.matmul(probs.view(n, num_kv_heads, group * nq, -1), v)
 
 
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)  # (a no-op .to() still costs a dispatch, per layer)
+
+
 def _gather(cache: torch.Tensor, scale: torch.Tensor | None, blocks: torch.Tensor, n: int, compute) -> torch.Tensor:
     """Whole blocks of one cache as ``[n, Hkv, W, D]`` (a transposed view) in the compute dtype,
     dequantized when FP8."""
     _, bs, heads, dim = cache.shape
-    x = cache.index_select(0, blocks).view(n, -1, heads, dim).to(compute)
+    x = _cast(cache.index_select(0, blocks).view(n, -1, heads, dim), compute)
     if scale is not None:
         x.mul_(scale.index_select(0, blocks).view(n, -1, heads, 1))
     return x.transpose(1, 2)
 
 
-def _buckets(q: torch.Tensor, width: torch.Tensor, unit: int, depth: int = 3) -> list[tuple[int, int]]:
+def _buckets(q: list[int], width: list[int], unit: int, depth: int = 3) -> list[tuple[int, int]]:
     """Cut rows sorted by ``width`` (descending) into ``[a, b)`` ranges, padded cost ``(b - a) * max(q) * width[a]``.
 
     Binary splits, each at its cheapest point, kept only when they save more than ``_BUCKET_OVERHEAD``
     (``unit``: padded work per query token and key block).
     """
-    n = q.numel()
-    if depth == 0 or n < 2:
+    n = len(q)
+    full = n * max(q, default=0) * (width[0] if width else 0)
+    if depth == 0 or n < 2 or full * unit <= _BUCKET_OVERHEAD:
+        return [(0, n)]  # (no split can save more than a batch costs)
+    pre = list(itertools.accumulate(q, max))  # max query count of rows [0, i]
+    suf = list(itertools.accumulate(reversed(q), max))[::-1]  # of rows [i, n)
+    cost, k = min((i * pre[i - 1] * width[0] + (n - i) * suf[i] * width[i], i) for i in range(1, n))
+    if (full - cost) * unit <= _BUCKET_OVERHEAD:
         return [(0, n)]
-    pre = q.cummax(0).values  # max query count of rows [0, i]
-    suf = q.flip(0).cummax(0).values.flip(0)  # of rows [i, n)
-    i = torch.arange(1, n, device=q.device)
-    split_cost = i * pre[:-1] * width[0] + (n - i) * suf[1:] * width[1:]
-    k = int(split_cost.argmin())
-    saved = (n * int(pre[-1]) * int(width[0]) - int(split_cost[k])) * unit
-    if saved <= _BUCKET_OVERHEAD:
-        return [(0, n)]
-    k += 1
     left = _buckets(q[:k], width[:k], unit, depth - 1)
     right = _buckets(q[k:], width[k:], unit, depth - 1)
     return left + [(a + k, b + k) for a, b in right]
@@ -232,41 +257,51 @@ def _buckets(q: torch.Tensor, width: torch.Tensor, unit: int, depth: int = 3) ->
 class _Planner:
     """Collects the pieces of one step: ``rows`` adds one class of rows."""
 
-    def __init__(self, qsl, seq, block_tables, window, num_blocks, bs, num_tokens, num_q_heads, group, head_dim, padded):
-        self.qsl, self.seq, self.block_tables, self.window, self.block_size = qsl, seq, block_tables, window, bs
+    def __init__(self, qsl, seq, block_tables, window, num_blocks, bs, num_tokens, num_q_heads, group, head_dim, padded,
+                 compute):
+        self.qsl, self.seq, self.block_tables, self.window, self.block_size = qsl.long(), seq.long(), block_tables, window, bs
         self.num_blocks, self.device = num_blocks, qsl.device
         self.num_tokens, self.num_q_heads, self.group, self.head_dim = num_tokens, num_q_heads, group, head_dim
-        self.padded = padded
+        self.padded, self.compute = padded, compute
         self.pieces: list[_Piece] = []
 
-    def rows(self, rows: torch.Tensor, num_q: torch.Tensor, width: torch.Tensor, decode: bool) -> None:
-        """Rows sorted by ``width`` (key blocks, descending); ``num_q`` their query counts."""
+    def rows(self, rows: list[int], num_q: list[int], width: list[int], decode: bool) -> None:
+        """One class of rows (indices into the step's rows; ``num_q``/``width``: every row's query count and key blocks)."""
         bs = self.block_size
-        for a, b in _buckets(num_q, width, self.num_q_heads * self.head_dim * bs):
-            max_q = 1 if decode else int(num_q[a:b].max())
-            per_row = self.num_q_heads * max_q * int(width[a]) * bs  # logits of one padded row
-            step = max(1, _MAX_ELEMENTS // per_row)
-            if step > 1 or max_q == 1:  # whole rows per piece
+        rows = sorted(rows, key=width.__getitem__, reverse=True)
+        q = [1] * len(rows) if decode else [num_q[r] for r in rows]
+        w = [width[r] for r in rows]
+        cuts = _buckets(q, w, self.num_q_heads * self.head_dim * bs)
+        if len(cuts) == 1 and self.num_q_heads * max(q) * w[0] * bs * len(rows) <= _MAX_ELEMENTS:
+            self._piece(sorted(rows), 0, max(q), all_real=decode)  # one piece: in step order (slices, no index)
+            return
+        for a, b in cuts:
+            max_q = max(q[a:b])
+            step = max(1, _MAX_ELEMENTS // (self.num_q_heads * max_q * w[a] * bs))  # rows per piece
+            if step > 1 or max_q == 1:
                 for r0 in range(a, b, step):
                     r1 = min(b, r0 + step)
-                    q1 = 1 if decode else int(num_q[r0:r1].max())
-                    self._piece(rows[r0:r1], 0, q1, all_real=decode)
+                    self._piece(rows[r0:r1], 0, max(q[r0:r1]), all_real=decode)
                 continue
             # One row alone is too big: cut its queries into slices (their causal key range shrinks too).
-            q_step = max(1, _MAX_ELEMENTS // (self.num_q_heads * int(width[a]) * bs))
+            q_step = max(1, _MAX_ELEMENTS // (self.num_q_heads * w[a] * bs))
             for r in range(a, b):
-                count = int(num_q[r])
-                for q0 in range(0, count, q_step):
-                    self._piece(rows[r : r + 1], q0, min(count, q0 + q_step), all_real=True)
+                for q0 in range(0, q[r], q_step):
+                    self._piece(rows[r : r + 1], q0, min(q[r], q0 + q_step), all_real=True)
 
-    def _piece(self, rows: torch.Tensor, q0: int, q1: int, all_real: bool) -> None:
+    def _piece(self, rows: list[int], q0: int, q1: int, all_real: bool) -> None:
         """Query slots ``[q0, q1)`` of each row in ``rows``. ``all_real``: every row has ``>= q1`` query tokens."""
         bs, group = self.block_size, self.group
         nq = q1 - q0
-        n = rows.numel()
-        start = self.qsl[rows]  # [n]
-        num_q = self.qsl[rows + 1] - start
-        seq = self.seq[rows]
+        n = len(rows)
+        consecutive = rows == list(range(rows[0], rows[0] + n))
+        if consecutive:  # slices, not gathers
+            sel = slice(rows[0], rows[0] + n)
+            start, end, seq, tables = self.qsl[sel], self.qsl[sel.start + 1 : sel.stop + 1], self.seq[sel], self.block_tables[sel]
+        else:
+            idx = torch.tensor(rows, device=self.device)
+            start, end, seq, tables = self.qsl[idx], self.qsl[idx + 1], self.seq[idx], self.block_tables[idx]
+        num_q = end - start
         first = seq - num_q + q0  # [n] position of the piece's first query slot
         i = torch.arange(nq, device=self.device)
         pos = first[:, None] + i  # [n, nq]
@@ -274,24 +309,30 @@ class _Planner:
         real = None if all_real else i[None, :] < (num_q - q0)[:, None]
         dst, blind = (tok.flatten(), pos.flatten() < 0) if real is None else (tok[real], pos[real] < 0)
         blind = blind if self.padded else None
+        tokens = None
+        # One row's slots, or one token per row of consecutive rows, are consecutive packed tokens.
+        if all_real and (n == 1 or (nq == 1 and consecutive)):
+            tokens, dst = (int(tok[0, 0]), n * nq), None
+        q_index = None if tokens is not None else tok[:, 0] if nq == 1 else tok.clamp(max=self.num_tokens - 1)
         # Keys [lo, hi) hold everything the piece may see; gathered from block lo // bs on.
         hi = torch.minimum(seq, first + nq).clamp(min=0)  # [n]
         lo = torch.zeros_like(hi) if self.window is None else (first - self.window + 1).clamp(min=0)
         b_lo = torch.minimum(lo, hi) // bs
         num_b = int((-(-hi // bs) - b_lo).max())
-        q_index = tok[:, 0] if nq == 1 else tok.clamp(max=self.num_tokens - 1)
         if num_b <= 0:  # nothing visible anywhere (all padding)
-            self.pieces.append(_Piece(n, nq, None, q_index, pos, pos, real, dst, blind))
+            self.pieces.append(_Piece(n, nq, None, tokens, q_index, pos, pos, real, dst, blind))
             return
-        cols = (b_lo[:, None] + torch.arange(num_b, device=self.device)).clamp(max=self.block_tables.shape[1] - 1)
+        cols = (b_lo[:, None] + torch.arange(num_b, device=self.device)).clamp(max=tables.shape[1] - 1)
         # Table entries past a row's blocks are only ever masked; clamped so any value there is a valid id.
-        blocks = self.block_tables[rows[:, None], cols].long().flatten().clamp_(0, self.num_blocks - 1)
+        blocks = tables.gather(1, cols).long().flatten().clamp_(0, self.num_blocks - 1)
         j = b_lo[:, None] * bs + torch.arange(num_b * bs, device=self.device)  # [n, W] key positions
         visible = (j[:, None, :] <= pos[:, :, None]) & (j < hi[:, None])[:, None, :]  # [n, nq, W]
         if self.window is not None:
             visible &= pos[:, :, None] - j[:, None, :] < self.window
+        # Additive, in the compute dtype: SDPA would convert a boolean mask in every layer.
+        mask = torch.zeros(visible.shape, dtype=self.compute, device=self.device).masked_fill_(~visible, float("-inf"))
         if nq == 1:
-            mask = visible[:, None]  # [n, 1, 1, W]: the same for every head
+            mask = mask[:, None]  # [n, 1, 1, W]: the same for every head
         else:
-            mask = visible[:, None, None].expand(n, 1, group, nq, -1).reshape(n, 1, group * nq, -1)
-        self.pieces.append(_Piece(n, nq, blocks, q_index, visible, mask, real, dst, blind))
+            mask = mask[:, None, None].expand(n, 1, group, nq, -1).reshape(n, 1, group * nq, -1)
+        self.pieces.append(_Piece(n, nq, blocks, tokens, q_index, visible, mask, real, dst, blind))
