@@ -69,7 +69,7 @@ def make_prompts(num: int, input_len: tuple[int, int], seed: int, tokenizer_path
     special = set(tok.all_special_ids)
     candidates = [i for i in range(len(tok)) if i not in special]
     prompts = []
-    for n in lengths:
+    for k, n in enumerate(lengths):
         ids = [rng.choice(candidates) for _ in range(n)]
         for _ in range(20):
             text = tok.decode(ids)
@@ -77,7 +77,9 @@ def make_prompts(num: int, input_len: tuple[int, int], seed: int, tokenizer_path
             if len(ids) == n:
                 break
             ids = ids[:n] if len(ids) > n else ids + [rng.choice(candidates) for _ in range(n - len(ids))]
-        prompts.append(tok.decode(ids))
+        text = tok.decode(ids)
+        lengths[k] = len(tok(text, add_special_tokens=False)["input_ids"])  # exact even when the fit did not converge
+        prompts.append(text)
     return prompts, lengths
 
 
