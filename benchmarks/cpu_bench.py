@@ -33,7 +33,7 @@ import transformers
 
 import hf_paged
 from hf_paged import ContinuousGenerator, SamplingParams
-from hf_paged.entrypoints.bench import build_model
+from hf_paged.entrypoints.bench import build_model, left_padded
 
 
 def _cpu_name() -> str:
@@ -66,14 +66,10 @@ def hf_static(model, prompts, new_tokens, batch_size) -> list[list[int]]:
     outputs: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
         chunk, wants = prompts[i : i + batch_size], new_tokens[i : i + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
+        batch = left_padded(chunk, "cpu")
         most = max(wants)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=most, min_new_tokens=most, do_sample=False)
+        out = model.generate(**batch, max_new_tokens=most, min_new_tokens=most, do_sample=False)
+        width = batch["input_ids"].shape[1]
         outputs += [out[row, width : width + n].tolist() for row, n in enumerate(wants)]
     return outputs
 

@@ -163,7 +163,7 @@ def main() -> int:
     CPU_GROUP = dist.new_group(backend="gloo") if dist.is_initialized() else None
     import hf_paged
     from hf_paged import ContinuousGenerator, SamplingParams
-    from hf_paged.entrypoints.bench import Workload
+    from hf_paged.entrypoints.bench import Workload, left_padded
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, load_s, weight_bytes = build(args.shape, world, device, dtype, args.model_path)
@@ -243,13 +243,13 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-        model.generate(**_left_padded(hf_prompts[:2], device), max_new_tokens=2, do_sample=False)  # warm-up
+        model.generate(**left_padded(hf_prompts[:2], device), max_new_tokens=2, do_sample=False)  # warm-up
         sync(device)
         barrier()
         t = time.perf_counter()
         for i in range(0, len(hf_prompts), args.hf_batch_size):
             with torch.inference_mode():
-                model.generate(**_left_padded(hf_prompts[i : i + args.hf_batch_size], device), **kwargs)
+                model.generate(**left_padded(hf_prompts[i : i + args.hf_batch_size], device), **kwargs)
         sync(device)
         wall = time.perf_counter() - t
         out_tokens = len(hf_prompts) * args.new_tokens
@@ -270,16 +270,6 @@ def main() -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
-
-
-def _left_padded(prompts: list[list[int]], device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def render(rows: list[dict], args) -> str:

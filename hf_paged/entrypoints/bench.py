@@ -122,7 +122,8 @@ def _measure(device: str, fn: Callable[[], BenchResult]) -> BenchResult:
     return result
 
 
-def _left_padded(prompts: list[list[int]], device: str) -> dict[str, torch.Tensor]:
+def left_padded(prompts: list[list[int]], device: str) -> dict[str, torch.Tensor]:
+    """``input_ids`` / ``attention_mask`` of the prompts left padded with id 0 (for stock ``generate``)."""
     import torch
 
     width = max(map(len, prompts))
@@ -137,11 +138,11 @@ def _left_padded(prompts: list[list[int]], device: str) -> dict[str, torch.Tenso
 def run_static_generate(model, prompts, new_tokens, batch_size, device, system="hf_static") -> BenchResult:
     """Stock ``generate`` on left-padded batches of ``batch_size`` prompts in arrival order."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    model.generate(**_left_padded(prompts[:2], device), max_new_tokens=2, do_sample=False)  # warm-up
+    model.generate(**left_padded(prompts[:2], device), max_new_tokens=2, do_sample=False)  # warm-up
     _sync(device)
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
-        model.generate(**_left_padded(prompts[i : i + batch_size], device), **kwargs)
+        model.generate(**left_padded(prompts[i : i + batch_size], device), **kwargs)
     _sync(device)
     wall = time.perf_counter() - start
     return BenchResult(system, len(prompts) * new_tokens, sum(map(len, prompts)), wall, extra={"batch_size": batch_size})
