@@ -11,16 +11,21 @@ from pathlib import Path as _Path
 
 
 def _map_source_kernels() -> None:
-    """Make ``hf_paged.kernels`` importable from a source checkout that was never installed.
+    """Make ``hf_paged.kernels`` the checkout's own ``kernels/`` when hf_paged is imported from a source checkout.
 
     An install maps the repository's top-level ``kernels/`` folder to ``hf_paged.kernels`` (pyproject's
     package-dir); running from a plain checkout (``PYTHONPATH=.``, the GPU machines) gets the same mapping
     here. Never as a top-level ``kernels`` module, which would shadow Hugging Face's ``kernels`` package.
     """
-    if "hf_paged.kernels" in _sys.modules or _importlib_util.find_spec("hf_paged.kernels") is not None:
+    if "hf_paged.kernels" in _sys.modules:
         return
-    folder = _Path(__file__).resolve().parent.parent / "kernels"
-    if not (folder / "__init__.py").is_file():
+    # A source checkout always uses its own kernels/, even when an install of another checkout (an
+    # editable one, say) would map hf_paged.kernels elsewhere; the checks keep any other package's
+    # top-level folder (Hugging Face's own `kernels`, beside an installed hf_paged) out.
+    root = _Path(__file__).resolve().parent.parent
+    folder = root / "kernels"
+    is_checkout = (root / "pyproject.toml").is_file() and (folder / "paged_attention.py").is_file()
+    if not is_checkout:
         return
     spec = _importlib_util.spec_from_file_location(
         "hf_paged.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]

@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .softmax import softmax_with_sink
+
 LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) = exp2(x * LOG2E)
 FP8_DTYPE = torch.float8_e4m3fn  # the FP8 cache dtype (kv_write.py quantizes into it)
 
@@ -712,16 +714,8 @@ def paged_attention_reference(
             if sliding_window is not None:
                 visible &= p - j < sliding_window
             logits = logits.masked_fill(~visible, float("-inf"))
-            if sinks is not None:  # one more logit per head, in the denominator only
-                sink = sinks.to(compute).view(num_kv_heads, group, 1, 1).expand(-1, -1, c1 - c0, 1)
-                logits = torch.cat([logits, sink], dim=-1)
-            m = logits.amax(dim=-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows that see nothing
-            e = torch.exp(logits - m)
-            denom = e.sum(dim=-1, keepdim=True)
-            probs = e / torch.where(denom == 0, torch.ones_like(denom), denom)
-            if sinks is not None:
-                probs = probs[..., :-1]
+            sink = None if sinks is None else sinks.to(compute).view(num_kv_heads, group, 1, 1)
+            probs = softmax_with_sink(logits, sink)
             o = torch.einsum("hgqk,khd->qhgd", probs, v.to(compute))  # [n, Hkv, G, D]
             out_rows.copy_(o.reshape(c1 - c0, num_q_heads, head_dim))
     return out

@@ -213,16 +213,8 @@ def masked_attention(
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
         logits = logits.masked_fill(~visible[b0:b1].view(n, 1, 1, q_len, width), float("-inf"))
-        if sinks is not None:  # one more logit per head, in the denominator only
-            sink = sinks.to(compute).view(1, num_kv_heads, group, 1, 1).expand(n, -1, -1, q_len, 1)
-            logits = torch.cat([logits, sink], dim=-1)
-        m = logits.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # queries that see nothing
-        e = torch.exp(logits - m)
-        denom = e.sum(dim=-1, keepdim=True)
-        probs = e / torch.where(denom == 0, torch.ones_like(denom), denom)
-        if sinks is not None:
-            probs = probs[..., :-1]
+        sink = None if sinks is None else sinks.to(compute).view(1, num_kv_heads, group, 1, 1)
+        probs = _softmax_with_sink(logits, sink)  # queries that see nothing get 0
         if dropout:
             probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
         o = torch.einsum("bhgqk,bkhd->bqhgd", probs, v)
@@ -243,6 +235,12 @@ def masked_attention(
 
 # Head dims the Triton kernel is built for; other models (rare) take the torch path on every device.
 TRITON_HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
+def _softmax_with_sink(logits: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    from ..kernels.softmax import softmax_with_sink  # torch only (no Triton import)
+
+    return softmax_with_sink(logits, sink)
 
 
 @functools.cache
