@@ -123,7 +123,7 @@ class _Piece:
     tokens: tuple[int, int] | None  # (first, count): the slots are packed tokens [first, first + count), all real
     q_index: torch.Tensor | None  # [n] (nq == 1) or [n, nq] packed token of each query slot (None with tokens)
     visible: torch.Tensor  # [n, nq, W] bool: query slot i of row r sees key w
-    mask: torch.Tensor  # the same as SDPA's additive mask (0 / -inf, compute dtype) for queries [n, Hkv, G * nq, D]
+    mask: torch.Tensor  # the same as SDPA's additive mask (0 / -inf, compute dtype): [n, 1, 1, W] or [n, 1, nq, W]
     real: torch.Tensor | None  # [n, nq] bool: slots that are tokens of the row; None: all are
     dst: torch.Tensor | None  # [m] packed token of each real slot (None with tokens)
     blind: torch.Tensor | None  # [m] bool: at a position < 0 (sees nothing, output 0); None: no such slot
@@ -175,17 +175,21 @@ def _attend(p: _Piece, query, k_cache, v_cache, k_scale, v_scale, out, compute, 
         q = query.narrow(0, p.tokens[0], p.tokens[1])
     else:
         q = query.index_select(0, p.q_index) if nq == 1 else query[p.q_index]
-    if nq == 1:
-        q = q.view(n, num_kv_heads, group, d)
-    else:  # [n, nq, Hq, D] -> [n, Hkv, G * nq, D], query heads of one KV head adjacent
-        q = q.view(n, nq, num_kv_heads, group, d).permute(0, 2, 3, 1, 4).reshape(n, num_kv_heads, group * nq, d)
     q = _cast(q, compute)
-    if softcap is None and sink is None:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, scale=scale)  # fused: no logits in memory
-    else:
+    num_q_heads = num_kv_heads * group
+    if softcap is None and sink is None:  # fused on CPU: no logits in memory
+        if nq == 1:  # the G query heads of a KV head on the query axis: each KV head read once
+            o = F.scaled_dot_product_attention(q.view(n, num_kv_heads, group, d), k, v, attn_mask=p.mask, scale=scale)
+            o = o.view(n, 1, num_q_heads, d)  # [n, Hkv, G, D] is already head-major
+        else:  # [n, Hq, nq, D] as a strided view of the gathered tokens (faster than a copy to G * nq rows)
+            o = F.scaled_dot_product_attention(q.view(n, nq, num_q_heads, d).transpose(1, 2), k, v, attn_mask=p.mask,
+                                               scale=scale, enable_gqa=True)
+            o = o.transpose(1, 2)  # [n, nq, Hq, D]
+    else:  # [n, Hkv, G * nq, D], query heads of one KV head adjacent
+        q = q.view(n, nq, num_kv_heads, group, d).permute(0, 2, 3, 1, 4).reshape(n, num_kv_heads, group * nq, d)
         o = _attend_explicit(q, k, v, p.visible, group, nq, scale, softcap, sink)
-    o = o.view(n, num_kv_heads, group, nq, d).permute(0, 3, 1, 2, 4)  # [n, nq, Hkv, G, D]
-    o = o.reshape(n * nq, num_kv_heads * group, d) if p.real is None else o[p.real].flatten(1, 2)
+        o = o.view(n, num_kv_heads, group, nq, d).permute(0, 3, 1, 2, 4)  # [n, nq, Hkv, G, D]
+    o = o.reshape(n * nq, num_q_heads, d) if p.real is None else o[p.real].reshape(-1, num_q_heads, d)
     if p.blind is not None:
         o = o.masked_fill(p.blind[:, None, None], 0.0)  # also replaces the NaN of a softmax over nothing
     _store(p, out, o)
@@ -331,8 +335,5 @@ class _Planner:
             visible &= pos[:, :, None] - j[:, None, :] < self.window
         # Additive, in the compute dtype: SDPA would convert a boolean mask in every layer.
         mask = torch.zeros(visible.shape, dtype=self.compute, device=self.device).masked_fill_(~visible, float("-inf"))
-        if nq == 1:
-            mask = mask[:, None]  # [n, 1, 1, W]: the same for every head
-        else:
-            mask = mask[:, None, None].expand(n, 1, group, nq, -1).reshape(n, 1, group * nq, -1)
+        mask = mask[:, None]  # [n, 1, nq, W]: the same for every head
         self.pieces.append(_Piece(n, nq, blocks, tokens, q_index, visible, mask, real, dst, blind))

@@ -34,6 +34,7 @@ class StepMetadata:
     max_seq_len: int  # host-side max seq_len, sizes the dense fallback gather
     # Scratch of attention backends that plan once per step and reuse the plan in every layer (the CPU
     # path's row buckets, gather indices and masks); filled by the first layer, dropped with the step.
+    # Code that rewrites the tensors above in place for another step must clear it.
     plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
