@@ -34,8 +34,9 @@ scales multiply the logits' columns (``q . (k * s) = (q . k) * s``), value scale
 probabilities' columns before ``P @ V`` (fp16 queries scale the value tile instead: probabilities times
 a small scale could fall into fp16's subnormals). No dequantized copy of the cache is ever made.
 
-``paged_attention_reference`` (bottom of the file) is the readable PyTorch version and also the
-library's CPU path. Untested here: head_dim outside {64, 80, 96, 128, 256}.
+``paged_attention_reference`` (bottom of the file) is the readable PyTorch version the tests compare
+against (the library's CPU path is the batched ``paged_attention_cpu.py``). Untested here: head_dim
+outside {64, 80, 96, 128, 256}.
 """
 
 from __future__ import annotations
@@ -644,7 +645,7 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
 
 
 # --------------------------------------------------------------------------------------------------
-# Reference (readable PyTorch; also the library's CPU path)
+# Reference (readable PyTorch, one row at a time: the oracle of the tests)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -4,9 +4,11 @@ Same contract as ``paged_attention`` in ``paged_attention.py`` (length vocabular
 there): query token ``i`` of row ``b`` sits at position ``p = seq_len - num_q + i`` and attends to keys
 ``j <= p`` (and ``p - j < sliding_window``); ``p < 0`` (left padding) attends to nothing and gets 0.
 
-How it is batched. Rows are computed as padded batches ``[n, Hkv, G * Q, W]`` (the G query heads of a
-KV head share its K/V and their mask, so they ride along the query axis and every KV head is read
-once), ``Q`` the batch's most query tokens, ``W`` its widest key range:
+How it is batched. Rows are computed as padded batches of ``n`` rows x ``Q`` query tokens (the batch's
+most) x ``W`` keys (its widest key range). Decode batches put the G query heads of a KV head on the
+query axis (``[n, Hkv, G, D]`` queries: they share the KV head and its mask, so each KV head is read once);
+multi-token batches attend as ``[n, Hq, Q, D]`` with SDPA's GQA, which measured faster than a G-fold
+query axis and its G-fold mask.
 
 * decode rows (one query token) and multi-token rows (prompt chunks, ``generate``'s prompts) are
   separate classes, so a step of many decodes and one prompt chunk does not pad every decode row
@@ -24,7 +26,8 @@ either, explicit matmul / softmax. The pool is zero-initialised, so masked keys 
 
 Everything above depends on the step's metadata only, not on the layer: with ``plans`` (a dict that
 lives as long as the step's metadata, ``StepMetadata.plans``) it is computed by the first layer and
-reused by the others, which then run ~10 ops each.
+reused by the others, which then run ~10 ops each. A plan is reused only for the very tensors it was
+made from; code that rewrites them in place for another step must clear ``plans``.
 
 Computes in float64 for float64 queries, float32 otherwise (as the reference does). The metadata is
 read on the host (a CPU step has no device to wait for); on a GPU it works too (``backend="torch"``,
