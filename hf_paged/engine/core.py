@@ -196,7 +196,7 @@ class EngineCore:
             max_model_len=self.max_model_len,
             prefix_cache_seed=self._prefix_seed if options.prefix_caching else None,
             sliding_window=self.runner.cache.sliding_window,
-            swap_blocks=self._allocate_swap(options),
+            swap_blocks=self._num_swap_slots(options),
         )
         self.counters = EngineCounters()
         self.kv_blocks_peak = 0  # reset by whoever wants a per-run peak
@@ -205,8 +205,8 @@ class EngineCore:
         self._groups: dict[int, RequestGroup] = {}  # request_id of every unfinished sample -> its group
         self._num_prompt_logprobs = 0  # unfinished requests that want prompt logprobs (0: skip the search)
 
-    def _allocate_swap(self, options: EngineOptions) -> int:
-        """Swap slots for preemption by swapping (0: preempt by recompute), allocated with the pool (every
+    def _num_swap_slots(self, options: EngineOptions) -> int:
+        """Swap slots for preemption by swapping (0: preempt by recompute); the pool allocated them (every
         tensor-parallel rank allocates the same, see ``distributed.make_pool_and_runner``)."""
         return self.pool.swap_kv.shape[0] if options.preemption_mode == "swap" else 0
 
