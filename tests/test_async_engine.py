@@ -366,3 +366,23 @@ def test_generate_can_be_called_from_several_event_loops_in_threads():
         assert all(outs[i] == stock_greedy(llama(), ps[i], 6) for i in range(4))
     finally:
         engine.shutdown()
+
+
+def test_a_failing_listener_does_not_stop_the_engine(caplog):
+    engine = new_engine()
+
+    def broken(metrics):
+        raise RuntimeError("listener bug")
+
+    engine.add_request_listener(broken)
+    params = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+
+    async def two():
+        return [await collect(engine.generate([5, 6, 7], params)) for _ in range(2)]
+
+    try:
+        outs = run(two())
+        assert all(len(o[0][0]) == 5 for o in outs) and engine.is_healthy
+        assert "listener bug" in caplog.text
+    finally:
+        engine.shutdown()

@@ -24,6 +24,7 @@ import asyncio
 import atexit
 import dataclasses
 import itertools
+import logging
 import sys
 import threading
 import time
@@ -39,6 +40,8 @@ from .core import EngineCore, EngineStats, RequestGroup, RequestMetrics
 from .request import IncrementalDetokenizer, StreamEvent
 from .sampling_params import SamplingParams
 
+
+logger = logging.getLogger("hf_paged")
 
 # Python's GIL switch interval while an engine runs (see AsyncEngine.__init__).
 ENGINE_SWITCH_INTERVAL_S = 0.001
@@ -317,7 +320,10 @@ class AsyncEngine:
             stream.ended = True
         metrics = self.core.metrics(group)
         for listener in self._listeners:
-            listener(metrics)
+            try:
+                listener(metrics)
+            except Exception:  # a broken metrics hook must not take the engine (and every request) down
+                logger.exception("request listener %r failed; the engine goes on", listener)
 
     @staticmethod
     def _emit_to(stream: _Stream, event: Any, deliveries: dict) -> None:
