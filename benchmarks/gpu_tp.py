@@ -41,11 +41,13 @@ import time
 import torch
 import torch.distributed as dist
 
+from hf_paged.entrypoints.bench import SHAPES as BENCH_SHAPES
+
+# The single-GPU benchmark's shapes (the tiny one untied: each rank then owns its own LM-head shard),
+# plus the Llama-3.1-70B layer shape, which needs several GPUs.
 SHAPES = {
-    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, vocab_size=2048, tie_word_embeddings=False),
-    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+    "tiny": {**BENCH_SHAPES["tiny"], "tie_word_embeddings": False},
+    "llama-8b": BENCH_SHAPES["llama-8b"],
     "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                       num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
 }

@@ -22,6 +22,7 @@ import transformers
 
 from ..engine.sampling_params import SamplingParams
 from ..integration.enable import disable, enable
+from .bench import left_padded
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,16 +106,6 @@ def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[i
     """One random token list per length (ids >= 3: clear of the usual pad / BOS / EOS ids)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def left_padded(prompts: list[list[int]], device: str) -> dict[str, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :] = torch.tensor(p)
-        mask[row, width - len(p) :] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def _sync(device: str) -> None:
