@@ -20,7 +20,6 @@ cumulative counters (``counters``) and live numbers (``stats()``) are cheap enou
 from __future__ import annotations
 
 import itertools
-import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -28,12 +27,12 @@ from typing import Any
 
 import torch
 
-from ..integration.enable import uses_attention_interface
 from ..options import EngineOptions
 from .distributed import make_pool_and_runner
+from .inputs import check_model, check_tokenizer, eos_token_ids, prompt_token_ids, sampling_params_from_generation_config
 from .model_runner import kv_layout_from_config, max_model_len
 from .profile import StepProfile
-from .request import IncrementalDetokenizer, Request, RequestStatus, StreamEvent, TokenLogprobs
+from .request import IncrementalDetokenizer, Request, StreamEvent, TokenLogprobs
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -125,38 +124,6 @@ class StepResult:
     finished: list[RequestGroup]  # user requests whose last sample ended this step
 
 
-def check_model(model: Any) -> None:
-    """Refuse, with a clear error, models the engine cannot run (before any memory is allocated)."""
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    name = type(model).__name__
-    config = model.config
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{name} is an encoder-decoder model; hf_paged runs decoder-only causal LMs")
-    if model.get_output_embeddings() is None or not hasattr(model, "generate"):
-        raise ValueError(
-            f"{name} has no language-model head (it returns hidden states, not logits); "
-            f"load it with AutoModelForCausalLM (e.g. {name.replace('Model', 'ForCausalLM')})"
-        )
-    meta = next((n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.is_meta), None)
-    if meta is not None:
-        raise ValueError(f"{name} has weights on the meta device (e.g. {meta}); load or materialise them first")
-    if not uses_attention_interface(model):
-        raise NotImplementedError(
-            f"{name} hard-codes its attention, so it cannot run packed continuous batches; "
-            "use hf_paged.enable(model) and model.generate(...) instead (paged KV memory, dense attention)"
-        )
-
-
-def check_tokenizer(tokenizer: Any) -> None:
-    if tokenizer is None:
-        return
-    if not (callable(tokenizer) and callable(getattr(tokenizer, "decode", None))):
-        raise TypeError(
-            f"tokenizer must be a transformers tokenizer (callable, with .decode), got {type(tokenizer).__name__}"
-        )
-
-
 class EngineCore:
     """Owns the pool, runner, sampler and scheduler of one model; steps them.
 
@@ -233,7 +200,7 @@ class EngineCore:
             raise ValueError(f"{where}: {e}") from None
         if params.stop and self.tokenizer is None:
             raise ValueError(f"{where}: stop strings {params.stop!r} need a tokenizer")
-        ids = self._prompt_ids(where, prompt)
+        ids = prompt_token_ids(where, prompt, self.tokenizer, self.num_embeddings)
         if not ids:
             raise ValueError(f"{where}: the prompt is empty")
         if self.max_model_len is not None and len(ids) > self.max_model_len:
@@ -246,36 +213,6 @@ class EngineCore:
                 f"blocks of {bs} tokens, but the pool holds {self.pool.num_blocks}; raise num_blocks or lower max_new_tokens"
             )
         return ids, replace(params)  # a snapshot: later edits by the caller do not reach running requests
-
-    def _prompt_ids(self, where: str, prompt: Any) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(f"{where}: prompt is a string but there is no tokenizer; pass token ids")
-            # A prompt that already starts with the BOS text (a rendered chat template, say) must not get a second BOS.
-            bos = getattr(self.tokenizer, "bos_token", None)
-            add_special = not (isinstance(bos, str) and bos and prompt.startswith(bos))
-            return list(self.tokenizer(prompt, add_special_tokens=add_special).input_ids)
-        if isinstance(prompt, dict) or hasattr(prompt, "input_ids") and not isinstance(prompt, (torch.Tensor, list, tuple)):
-            # What tokenizers and apply_chat_template(tokenize=True) return (dict / BatchEncoding): one sequence.
-            ids = prompt["input_ids"] if isinstance(prompt, dict) or "input_ids" in prompt else prompt.input_ids
-            if isinstance(ids, torch.Tensor):
-                if ids.dim() == 2 and ids.shape[0] == 1:
-                    ids = ids[0]
-            elif ids and isinstance(ids[0], (list, tuple)) and len(ids) == 1:
-                ids = ids[0]
-            return self._prompt_ids(where, ids)
-        if isinstance(prompt, (Sequence, torch.Tensor)) or type(prompt).__name__ == "ndarray":
-            if isinstance(prompt, torch.Tensor) or hasattr(prompt, "tolist"):
-                if getattr(prompt, "ndim", 1) != 1:
-                    raise ValueError(f"{where}: token ids must be one sequence (1-D), got shape {tuple(prompt.shape)}")
-                ids = prompt.tolist()
-            else:
-                ids = list(prompt)
-            bad = next((t for t in ids if not _is_token_id(t, self.num_embeddings)), None)
-            if bad is not None:
-                raise ValueError(f"{where}: prompt token id {bad!r} is not an int in [0, {self.num_embeddings})")
-            return [int(t) for t in ids]  # numpy ints -> int
-        raise TypeError(f"{where}: a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def make_group(
         self, request_id: str, index: int, ids: list[int], params: SamplingParams, *, text: bool, arrival_time: float | None = None
@@ -538,50 +475,6 @@ class EngineCore:
         )
 
 
-def sampling_params_from_generation_config(config: Any) -> SamplingParams:
-    """``SamplingParams`` with the fields a transformers ``GenerationConfig`` sets (None: the library defaults)."""
-    if config is None:
-        return SamplingParams()
-    fields: dict[str, Any] = {}
-    max_new = getattr(config, "max_new_tokens", None)
-    if isinstance(max_new, int) and max_new >= 1:
-        fields["max_new_tokens"] = max_new
-    min_new = getattr(config, "min_new_tokens", None)
-    if isinstance(min_new, int) and 0 < min_new <= fields.get("max_new_tokens", SamplingParams.max_new_tokens):
-        fields["min_new_tokens"] = min_new
-    penalty = getattr(config, "repetition_penalty", None)
-    if isinstance(penalty, (int, float)) and penalty > 0:
-        fields["repetition_penalty"] = float(penalty)
-    if not getattr(config, "do_sample", False):
-        fields["temperature"] = 0.0
-    else:
-        for name, ok in (
-            ("temperature", lambda v: v > 0),
-            ("top_k", lambda v: isinstance(v, int) and v >= 0),
-            ("top_p", lambda v: 0 < v <= 1),
-            ("min_p", lambda v: 0 <= v <= 1),
-        ):
-            value = getattr(config, name, None)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and ok(value):
-                fields[name] = value
-    return SamplingParams(**fields)
-
-
-def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> frozenset[int]:
-    """End-of-sequence ids: the generation config's (int or list), else the tokenizer's."""
-    gen_config = getattr(model, "generation_config", None)
-    eos = getattr(gen_config, "eos_token_id", None)
-    if eos is None and tokenizer is not None:
-        eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        return frozenset()
-    return frozenset([eos] if isinstance(eos, int) else eos)
-
-
 def _weights_version(model: torch.nn.Module) -> int:
     """Changes whenever a parameter or buffer is modified in place (optimizer steps, load_state_dict)."""
     return sum(t._version for t in itertools.chain(model.parameters(), model.buffers()))
-
-
-def _is_token_id(t: Any, vocab: int) -> bool:
-    return isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab
