@@ -202,3 +202,15 @@ def test_incremental_text_through_the_rust_decoder_equals_decode():
         detok.append(t)
     detok.flush()
     assert detok.text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_a_model_left_in_train_mode_warns_once(caplog):
+    model = make_model("llama")
+    model.train()
+    gen = new(model)
+    params = SamplingParams(max_new_tokens=2, temperature=0)
+    with caplog.at_level("WARNING", logger="hf_paged"):
+        gen.generate(make_prompts()[:2], params)
+        gen.generate(make_prompts()[:1], params)
+    assert caplog.text.count("training mode") == 1
+    model.eval()

@@ -27,9 +27,16 @@ from typing import Any
 
 import torch
 
+from ..integration.enable import warn_if_training
 from ..options import EngineOptions
 from .distributed import make_pool_and_runner
-from .inputs import check_model, check_tokenizer, eos_token_ids, prompt_token_ids, sampling_params_from_generation_config
+from .inputs import (
+    check_model,
+    check_tokenizer,
+    eos_token_ids,
+    prompt_token_ids,
+    sampling_params_from_generation_config,
+)
 from .model_runner import kv_layout_from_config, max_model_len
 from .profile import StepProfile
 from .request import IncrementalDetokenizer, Request, StreamEvent, TokenLogprobs
@@ -243,6 +250,7 @@ class EngineCore:
 
     def add(self, group: RequestGroup) -> None:
         """Queue a user request; it joins the next step. Samples 1.. fork from sample 0's prompt."""
+        warn_if_training(self.model)
         first = group.requests[0]
         if first.prompt_logprobs is not None:
             self._num_prompt_logprobs += 1

@@ -26,6 +26,7 @@ import inspect
 import logging
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,20 @@ from ..options import EnableOptions, from_kwargs
 logger = logging.getLogger("hf_paged")
 
 _STATE_ATTR = "_hf_paged_state"
+
+
+_WARNED_TRAINING: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def warn_if_training(model: torch.nn.Module) -> None:
+    """One warning per model left in ``train()`` mode (``enable``'s generate and the engine alike): its
+    dropout would be active while generating, which is rarely what the user wants."""
+    if model.training and model not in _WARNED_TRAINING:
+        _WARNED_TRAINING.add(model)
+        logger.warning(
+            "hf_paged: %s is in training mode, so generation runs with dropout; call model.eval() first "
+            "unless that is what you want (shown once per model)", type(model).__name__,
+        )
 
 
 def uses_attention_interface(model: torch.nn.Module) -> bool:
@@ -66,7 +81,6 @@ class _EnableState:
     hooks: list[Any] = field(default_factory=list)
     pool: KVPool | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-    warned_training: bool = False
     tp_group: Any = None  # tensor-parallel model: its ranks agree on one pool size
 
     def get_pool(self, layout: KVLayout) -> KVPool:
@@ -221,13 +235,7 @@ def _budget(model: torch.nn.Module, args: tuple, kwargs: dict) -> PoolBudget:
 
 def _paged_generate(model: torch.nn.Module, original_generate: Any, *args: Any, **kwargs: Any) -> Any:
     state: _EnableState = getattr(model, _STATE_ATTR)
-    if model.training and not state.warned_training:
-        state.warned_training = True
-        logger.warning(
-            "hf_paged: %s is in training mode, so generate runs with dropout; call model.eval() first "
-            "unless that is what you want",
-            type(model).__name__,
-        )
+    warn_if_training(model)
     user_cache = kwargs.get("past_key_values")
     if isinstance(user_cache, PagedCache):
         # A cache returned by an earlier call (or transformers passing an assistant's cache back in).
