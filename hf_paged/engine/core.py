@@ -53,7 +53,6 @@ class RequestGroup:
     index: int  # position of the prompt in the caller's list (0 for the online engine)
     requests: list[Request]
     arrival_time: float  # time.perf_counter() when the caller submitted it
-    first_scheduled_time: float | None = None
     num_finished: int = 0
 
     @property
@@ -293,10 +292,6 @@ class EngineCore:
             self.counters.steps += 1
             self.kv_blocks_peak = max(self.kv_blocks_peak, self.pool.allocator.num_used)
             t1 = time.perf_counter()
-            for s in batch.requests:
-                group = s.request.group
-                if group.first_scheduled_time is None:
-                    group.first_scheduled_time = t1
             if profile:
                 profile.gpu_start()
             wanted = self._prompt_logprob_rows(batch) if self._num_prompt_logprobs else None
@@ -448,6 +443,7 @@ class EngineCore:
     def metrics(self, group: RequestGroup) -> RequestMetrics:
         first = group.requests[0]
         token_times = [r.first_token_time for r in group.requests if r.first_token_time is not None]
+        admitted = [r.first_scheduled_time for r in group.requests if r.first_scheduled_time is not None]
         finish = max((r.finish_time for r in group.requests if r.finish_time is not None), default=time.perf_counter())
         return RequestMetrics(
             request_id=group.request_id,
@@ -455,7 +451,7 @@ class EngineCore:
             num_prompt_tokens=first.prompt_len,
             num_generation_tokens=sum(r.num_output_tokens for r in group.requests),
             arrival_time=group.arrival_time,
-            queue_time_s=None if group.first_scheduled_time is None else group.first_scheduled_time - group.arrival_time,
+            queue_time_s=min(admitted) - group.arrival_time if admitted else None,
             ttft_s=min(token_times) - group.arrival_time if token_times else None,
             e2e_s=finish - group.arrival_time,
             inter_token_latencies_s=list(first.inter_token_latencies),

@@ -127,6 +127,7 @@ class Request:
     finish_reason: str | None = None  # "length", "stop" or "abort"
     logprobs: list[TokenLogprobs] | None = None  # one per generated token when params.logprobs is set
     detokenizer: IncrementalDetokenizer | None = None  # only when text is needed incrementally
+    first_scheduled_time: float | None = None  # first admitted to the running batch
     first_token_time: float | None = None
     finish_time: float | None = None
     num_streamed_tokens: int = 0  # generated tokens already handed out by stream()

@@ -224,6 +224,8 @@ class Scheduler:
                 self.num_cached_tokens += request.num_cached_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:  # queue time ends at the first admission
+                request.first_scheduled_time = time.perf_counter()
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new

@@ -46,7 +46,12 @@ _PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", 
 
 @dataclass(frozen=True, slots=True)
 class Defaults:
-    """Sampling defaults taken from the model's ``generation_config`` (None: the API's own default)."""
+    """Sampling defaults taken from the model's ``generation_config`` (None: the API's own default).
+
+    Unlike ``EngineCore.default_sampling_params`` (which follows ``model.generate``: transformers'
+    ``do_sample=False`` default means greedy), only fields the model's authors set count here, so an
+    OpenAI client that sends no temperature gets OpenAI's default unless the checkpoint asks otherwise.
+    """
 
     temperature: float | None = None
     top_p: float | None = None
