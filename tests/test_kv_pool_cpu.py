@@ -49,3 +49,18 @@ def test_cpu_pool_commits_memory_only_as_blocks_are_used():
     k_cache[:100] = 1.0
     v_cache[:100] = 1.0
     assert _rss_bytes() - before < 64 << 20  # 200 blocks x 2 KiB touched, not 1 GiB
+
+
+def test_cuda_budget_counts_memory_the_caching_allocator_holds_unused(monkeypatch):
+    """A pool sized after a previous pool was freed must see those bytes: PyTorch keeps them reserved, so
+    the driver's free figure alone would give the next pool a fraction of the memory (seen under TP)."""
+    from hf_paged.memory import kv_pool
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 100 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * gib)
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, dtype=torch.float32, device=torch.device("cuda", 0))
+    options = PoolOptions(memory_fraction=0.5)
+    assert kv_pool.cuda_free_bytes(layout.device) == 90 * gib
+    assert kv_pool.resolve_num_blocks(options, layout) == (45 * gib) // layout.bytes_per_block(16)

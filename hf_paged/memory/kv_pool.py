@@ -50,6 +50,17 @@ class KVLayout:
         return 2 * self.num_layers * block_size * self.num_kv_heads * row
 
 
+def cuda_free_bytes(device: torch.device) -> int:
+    """Memory a new pool can take on ``device``: what the driver reports free plus what PyTorch's caching
+    allocator holds reserved but unused. The driver alone undercounts badly after anything large was
+    freed in this process (a previous pool, a checkpoint loaded then sharded): those bytes stay reserved by
+    the allocator, reusable by the pool, yet not "free" to the driver. Under tensor parallelism a rank's
+    previous pool still reserved this way once shrank every rank's next pool to a tenth."""
+    free, _total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + max(cached, 0)
+
+
 def resolve_num_blocks(options: PoolOptions, layout: KVLayout) -> int:
     """How many blocks the pool gets: explicit ``num_blocks``, else a memory budget.
 
@@ -60,8 +71,7 @@ def resolve_num_blocks(options: PoolOptions, layout: KVLayout) -> int:
         return options.num_blocks
     per_block = layout.bytes_per_block(options.block_size, options.kv_cache_dtype)
     if layout.device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(layout.device)
-        budget = int(free * options.memory_fraction)
+        budget = int(cuda_free_bytes(layout.device) * options.memory_fraction)
     else:
         budget = options.cpu_memory_bytes
     num_blocks = budget // per_block
