@@ -63,8 +63,12 @@ class EnableOptions:
     # "auto": Triton kernels on CUDA, the torch reference elsewhere; "torch" forces the reference.
     backend: str = "auto"
     kv_cache_dtype: str = "auto"
+    # Decode steps of generate replay CUDA graphs (CUDA, Triton kernels, supported model families).
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         self.pool()  # validates the pool fields

@@ -28,9 +28,10 @@ when the cache is garbage collected or ``cache.release()`` is called.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,6 +173,7 @@ class PagedCache(Cache):
         self._has_pending = False
         self._new_call = False  # the next forward is the first of a generate call
         self._budget: PoolBudget | None = None
+        self._expected_len = 0  # see expected_len
         self._last_layer: int | None = None
         self.step: StepMetadata | None = None
         self._step_len = 0  # query columns of the current step
@@ -247,6 +249,7 @@ class PagedCache(Cache):
         tokens. A ``budget`` is checked against the pool before a fresh cache's first step."""
         self._new_call = True
         self._budget = budget if self._logical_len == 0 else None
+        self._expected_len = self._logical_len + budget.prompt_columns + budget.max_new_tokens if budget else 0
 
     def begin_forward(self, attention_mask: torch.Tensor | None, input_ids: torch.Tensor | None = None) -> None:
         """Called by the forward pre-hook: the 2D mask (``[B, logical_len + q]``) and ids of the coming step."""
@@ -290,6 +293,22 @@ class PagedCache(Cache):
             self._check_budget(real, q_len, same_as)
         self._has_pending = False
         self._pending_mask = self._pending_ids = None
+        self._advance(new, real, same_as, q_len)
+        self._step_irregular = irregular
+        writes = None if all(s is None for s in same_as) else [s is None for s in same_as]
+        step = build_step_metadata(
+            [q_len] * batch, self._lens, self._blocks, self.pool.block_size, key_states.device, writes
+        )
+        if irregular:
+            # Real tokens sit between padding columns: each takes the next slot of its row.
+            old_lens = [n - r for n, r in zip(self._lens, real)]
+            step = dataclasses.replace(step, slot_mapping=self._slot_mapping(new, old_lens, writes, key_states.device))
+        self.step = step
+        if self.dense:
+            self._dense_index = self._build_dense_index(key_states.device)
+
+    def _advance(self, new: torch.Tensor | None, real: list[int], same_as: list[int | None], q_len: int) -> None:
+        """The host bookkeeping of a step: blocks reserved, lengths and logical columns advanced."""
         old_lens = self._lens
         new_lens = [n + r for n, r in zip(old_lens, real)]
         self._reserve(new_lens, real, same_as)
@@ -298,19 +317,59 @@ class PagedCache(Cache):
         self._lens = new_lens
         self._logical_len += q_len
         self._step_len = q_len
-        self._step_irregular = irregular
         self._masked_view = None
         self._version += 1
-        writes = None if all(s is None for s in same_as) else [s is None for s in same_as]
-        step = build_step_metadata(
-            [q_len] * batch, new_lens, self._blocks, self.pool.block_size, key_states.device, writes
+
+    # ---- decode steps run from static buffers (enable()'s CUDA graphs) ---------------------------
+    def static_decode_ready(self, batch: int) -> bool:
+        """Whether the coming forward, one new token per row of ``batch``, may run from static buffers.
+
+        That holds for the steps after a call's first: left padding only (each row's tokens are its last
+        columns), nothing hidden, no attention weights asked for, a mask that only appends a column.
+        Any other step goes through ``update``'s own planning.
+        """
+        mask = self._pending_mask
+        return (
+            self._has_pending
+            and not self._external
+            and not self.dense
+            and self.pool is not None
+            and not self._new_call
+            and self._logical_len > 0
+            and self._budget is None
+            and batch == len(self._lens)
+            and self._columns is None
+            and self._hidden is None
+            and not self.want_attention_weights
+            and (mask is None or (mask.dim() == 2 and tuple(mask.shape) == (batch, self._logical_len + 1)))
         )
-        if irregular:
-            # Real tokens sit between padding columns: each takes the next slot of its row.
-            step = dataclasses.replace(step, slot_mapping=self._slot_mapping(new, old_lens, writes, key_states.device))
+
+    def advance_decode_step(self) -> None:
+        """Plan a step of one new token per row on the host only (blocks, lengths); the caller then
+        describes it to the layers through ``static_step``. Requires ``static_decode_ready``."""
+        batch = len(self._lens)
+        self._has_pending = False
+        self._pending_mask = self._pending_ids = None
+        self._advance(None, [1] * batch, [None] * batch, 1)
+        self._step_irregular = False
+
+    @contextlib.contextmanager
+    def static_step(self, step: StepMetadata) -> Iterator[None]:
+        """Inside, every layer writes and attends through ``step`` and plans nothing (the step has been
+        advanced already); ``step`` stays the cache's current step afterwards."""
+        external = self._external
+        self._external = True
         self.step = step
-        if self.dense:
-            self._dense_index = self._build_dense_index(key_states.device)
+        try:
+            yield
+        finally:
+            self._external = external
+
+    @property
+    def expected_len(self) -> int:
+        """Logical length the running call will reach (prompt columns plus ``max_new_tokens``), when its
+        budget said so; 0 when unknown."""
+        return self._expected_len
 
     def _new_columns(self, batch: int, q_len: int) -> torch.Tensor | None:
         """``[B, q]`` bool on the host: which of this step's columns are real (None: all of them).

@@ -35,6 +35,7 @@ import torch
 
 from . import attention, tensor_parallel
 from .cache import PagedCache, PoolBudget
+from .decode_graphs import DecodeGraphs
 from ..memory.kv_pool import KVLayout, KVPool
 from ..options import EnableOptions, from_kwargs
 
@@ -82,6 +83,7 @@ class _EnableState:
     pool: KVPool | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     tp_group: Any = None  # tensor-parallel model: its ranks agree on one pool size
+    graphs: DecodeGraphs | None = None  # decode steps replayed from CUDA graphs (None: always eager)
 
     def get_pool(self, layout: KVLayout) -> KVPool:
         with self.lock:
@@ -92,6 +94,8 @@ class _EnableState:
             if self.pool is None:
                 options = tensor_parallel.agreed_pool_options(self.options.pool(), layout, self.tp_group)
                 self.pool = KVPool.create(options, layout)
+                if self.graphs is not None:
+                    self.graphs.clear()  # captured with the old pool's addresses
                 logger.info(
                     "hf_paged: KV pool of %d blocks x %d tokens (%.1f MiB) on %s",
                     self.pool.num_blocks,
@@ -121,7 +125,10 @@ def enable(model: torch.nn.Module, **options: Any) -> torch.nn.Module:
     Options (unknown names raise ``TypeError``): ``block_size`` (16), ``num_blocks`` (None: from
     memory), ``memory_fraction`` (0.5 of free CUDA memory), ``cpu_memory_bytes`` (1 GiB elsewhere),
     ``backend`` ("auto" | "torch" | "triton"), ``kv_cache_dtype`` ("auto": the model's dtype | "fp8":
-    float8 e4m3 with a float32 scale per token and KV head, about half the bytes per token).
+    float8 e4m3 with a float32 scale per token and KV head, about half the bytes per token),
+    ``cuda_graphs`` (True: on CUDA, the decode steps of Llama, Mistral, Qwen2/3, Gemma2 and Phi-3 models
+    replay a CUDA graph per batch size instead of launching every kernel from Python; the first step of
+    a new batch size captures one).
     """
     opts = from_kwargs(EnableOptions, options, where="hf_paged.enable()")
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate"):
@@ -161,12 +168,17 @@ def enable(model: torch.nn.Module, **options: Any) -> torch.nn.Module:
             type(model).__name__,
         )
 
+    if opts.cuda_graphs and uses_interface and state.tp_group is None and DecodeGraphs.supports(model):
+        state.graphs = DecodeGraphs(model)
     state.hooks = [
         model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
         model.register_forward_hook(_post_forward, with_kwargs=True, always_call=True),
     ]
     original_generate = model.generate
     model.generate = functools.wraps(original_generate)(functools.partial(_paged_generate, model, original_generate))
+    # Decode steps of a generate replay CUDA graphs; every other forward goes straight to the original.
+    original_forward = model.forward
+    model.forward = functools.wraps(original_forward)(functools.partial(_paged_forward, model, original_forward))
     setattr(model, _STATE_ATTR, state)
     return model
 
@@ -180,8 +192,9 @@ def disable(model: torch.nn.Module) -> torch.nn.Module:
         raise RuntimeError("hf_paged.disable() called while a generate on this model is still running")
     for handle in state.hooks:
         handle.remove()
-    if "generate" in vars(model):
-        del model.generate
+    for name in ("generate", "forward"):
+        if name in vars(model):
+            delattr(model, name)
     # Restore a checkpoint's cache_implementation, unless one was set after enable (that one stays).
     gen_config = getattr(model, "generation_config", None)
     if state.original_cache_implementation is not None and getattr(gen_config, "cache_implementation", None) is None:
@@ -263,6 +276,18 @@ def _paged_generate(model: torch.nn.Module, original_generate: Any, *args: Any, 
     if getattr(output, "past_key_values", None) is not cache:
         cache.release()
     return output
+
+
+def _paged_forward(model: torch.nn.Module, original_forward: Any, *args: Any, **kwargs: Any) -> Any:
+    cache = kwargs.get("past_key_values")
+    if not args and isinstance(cache, PagedCache):
+        state = getattr(model, _STATE_ATTR, None)
+        graphs = None if state is None else state.graphs
+        if graphs is not None:
+            output = graphs.run(original_forward, cache, kwargs)
+            if output is not None:
+                return output
+    return original_forward(*args, **kwargs)
 
 
 def _pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
