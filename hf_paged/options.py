@@ -13,6 +13,8 @@ BACKENDS = ("auto", "torch", "triton")
 KV_CACHE_DTYPES = ("auto", "fp8")
 # What a preempted request's K/V become: dropped and recomputed later, or copied to host memory and back.
 PREEMPTION_MODES = ("recompute", "swap")
+# Which engine steps run ``torch.compile`` of the model: none, decode steps (and their CUDA graphs), or all.
+COMPILE_MODES = ("off", "decode", "all")
 
 
 def from_kwargs(cls: type[T], kwargs: dict[str, Any], *, where: str) -> T:
@@ -103,6 +105,9 @@ class EngineOptions:
     kv_cache_dtype: str = "auto"  # "fp8": e4m3 K/V with a scale per token and KV head (see PoolOptions)
     preemption_mode: str = "recompute"  # "swap": preempted requests' blocks go to host memory and back
     swap_space_gb: float = 4.0  # host memory for swapped-out blocks (GiB), allocated in "swap" mode only
+    # "decode" / "all": those steps run torch.compile of the model around the opaque paged-attention op
+    # (fused norms, RoPE, MLP; decode CUDA graphs capture the compiled forward); "off": eager.
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -114,6 +119,13 @@ class EngineOptions:
         for name in ("progress", "cuda_graphs", "prefix_caching", "fuse_elementwise", "profile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.compile != "off" and self.fuse_elementwise:
+            raise ValueError(
+                f"fuse_elementwise=True and compile={self.compile!r} are alternatives (the compiled forward already "
+                "fuses the norms and MLPs); choose one"
+            )
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         if isinstance(self.swap_space_gb, bool) or not isinstance(self.swap_space_gb, (int, float)) or not self.swap_space_gb > 0:

@@ -375,6 +375,7 @@ def _build(model: torch.nn.Module, options: EngineOptions, layout: KVLayout, lin
         cuda_graphs=options.cuda_graphs,
         max_num_seqs=options.max_num_seqs,
         fuse_elementwise=options.fuse_elementwise,
+        compile=options.compile,
     )
     return pool, runner
 

@@ -5,17 +5,26 @@ seq_len)`` in order, each at its own position. The attention never sees a mask: 
 attention function reads the step's block tables and lengths from the cache (``set_step``), and a
 tiny dummy 4D ``attention_mask`` makes transformers return it as-is instead of building one
 (``masking_utils._preprocess_mask_arguments``: "If the mask is already 4D, simply return as-is").
+
+Compiled steps (``compile="decode"`` or ``"all"``) run the same forward through ``torch.compile`` of the
+model. Under compilation the K/V write and the attention are the custom ops ``hf_paged::write_kv`` and
+``hf_paged::paged_attention`` (``integration/attention.py``), so Dynamo traces each decoder layer whole
+and Inductor fuses the elementwise work between the two attention ops (norms, residual adds, RoPE,
+SiLU-mul, casts); decode graphs capture the compiled forward. The eager forward stays the reference.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..integration.attention import active_cache, implementation_switch
+from ..integration.attention import CACHE_KWARG, active_cache, implementation_switch
 from ..integration.cache import PagedCache
 from ..integration.tensor_parallel import kv_heads_per_rank
 from .cuda_graphs import DecodeGraphs
@@ -23,6 +32,21 @@ from .fusion import ElementwiseFusion
 from ..memory.kv_pool import KVLayout, KVPool
 from ..memory.metadata import StepMetadata, build_step_metadata
 from .scheduler import ScheduledBatch
+from ..options import COMPILE_MODES
+
+
+class _StepCache(PagedCache):
+    """The runner's cache: under ``torch.compile`` the K/V write is the ``hf_paged::write_kv`` op (an
+    opaque node Dynamo does not trace into); eagerly it is ``PagedCache.update`` itself."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if not torch.compiler.is_compiling():
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        batch, heads, q_len, head_dim = key_states.shape
+        k_tok = key_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
+        v_tok = value_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
+        torch.ops.hf_paged.write_kv(k_tok, v_tok, self.pool.kv, self.pool.scales, layer_idx, self.step.slot_mapping)
+        return key_states, value_states
 
 
 def kv_layout_from_config(model: torch.nn.Module, dtype: torch.dtype, device: torch.device | str) -> KVLayout:
@@ -99,6 +123,9 @@ class ModelRunner:
         cuda_graphs: replay captured CUDA graphs for decode steps (CUDA only).
         max_num_seqs: largest decode batch a graph is captured for.
         fuse_elementwise: run the model's RMSNorm / MLP modules compiled (``fusion.py``; CUDA only).
+        compile: "off", "decode" (decode steps and their CUDA graphs run ``torch.compile`` of the model)
+            or "all" (every step does).
+        compile_backend: ``torch.compile``'s backend ("inductor" fuses; tests also use "aot_eager").
     """
 
     def __init__(
@@ -110,11 +137,15 @@ class ModelRunner:
         cuda_graphs: bool = False,
         max_num_seqs: int = 512,
         fuse_elementwise: bool = False,
+        compile: str = "off",
+        compile_backend: str = "inductor",
     ) -> None:
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         self.model = model
         self.pool = pool
         self.device = pool.layout.device
-        self.cache = PagedCache.for_external_steps(pool, pool.layout.num_layers, backend=backend)
+        self.cache = _StepCache.for_external_steps(pool, pool.layout.num_layers, backend=backend)
         self.switch = implementation_switch(model)
         # Returned as-is by the mask code; the paged attention ignores it.
         self.dummy_mask = torch.zeros((1, 1, 1, 1), dtype=pool.layout.dtype, device=self.device)
@@ -122,8 +153,13 @@ class ModelRunner:
         self._use_graphs = cuda_graphs and self.device.type == "cuda" and backend != "torch"
         self.max_num_seqs = max_num_seqs
         self.graphs: DecodeGraphs | None = None
-        use_fusion = fuse_elementwise and self.device.type == "cuda"
+        use_fusion = fuse_elementwise and self.device.type == "cuda" and compile == "off"
         self.fusion = ElementwiseFusion(model) if use_fusion else contextlib.nullcontext()
+        self.compile_mode = compile
+        self.compile_backend = compile_backend
+        self._compiled_model: Any = None  # built on the first compiled step
+        # Wall time of the steps that compiled (Dynamo traced a new shape class): startup cost, reported.
+        self.compile_seconds = 0.0
 
     def prepare(self, max_seq_len: int) -> None:
         """Size the decode graphs' block tables for sequences of up to ``max_seq_len`` tokens.
@@ -135,7 +171,8 @@ class ModelRunner:
         blocks = -(-max_seq_len // self.pool.block_size)
         width = 1 << max(0, blocks - 1).bit_length()  # a power of two: few distinct widths, few recaptures
         if self.graphs is None or self.graphs.width < width:
-            self.graphs = DecodeGraphs(self.forward, self.pool, width, self.max_num_seqs)
+            forward = functools.partial(self.forward, compiled=self.compile_mode != "off")
+            self.graphs = DecodeGraphs(forward, self.pool, width, self.max_num_seqs)
             if self._layout_checked:  # capture needs a forward that already checked the layout
                 self.graphs.capture_all()
 
@@ -185,7 +222,11 @@ class ModelRunner:
         step_metadata = build_step_metadata(query_lens, seq_lens, step.block_tables, self.pool.block_size, self.device)
         if not self._layout_checked:
             self._check_layout_on_first_update()
-        return self.forward(dev[0:1], dev[1:2], step_metadata, logits_to_keep)
+            compiled = False  # the layout check wraps cache.update for one eager forward
+        else:
+            decode = step_metadata.max_query_len == 1
+            compiled = self.compile_mode == "all" or (self.compile_mode == "decode" and decode)
+        return self.forward(dev[0:1], dev[1:2], step_metadata, logits_to_keep, compiled=compiled)
 
     def capture_graphs(self) -> None:
         """Capture every decode-graph bucket now (a startup cost) instead of each on its first use."""
@@ -197,23 +238,46 @@ class ModelRunner:
         self.graphs = None
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, step: StepMetadata, logits_to_keep: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        step: StepMetadata,
+        logits_to_keep: torch.Tensor,
+        *,
+        compiled: bool = False,
     ) -> torch.Tensor:
         """One packed forward (``[1, T]`` ids and positions) over the pool; ``[R, V]`` logits of the kept rows.
 
-        The eager path and the captured decode graphs both run exactly this.
+        The eager path and the captured decode graphs both run exactly this; ``compiled`` runs the model
+        through ``torch.compile`` (same computation, fused elementwise kernels).
         """
         self.cache.set_step(step)
+        model, extra = self.model, {}
+        if compiled:
+            model = self._compiled()
+            extra = {CACHE_KWARG: self.cache}  # the ContextVar below is invisible to Dynamo
+            frames = _compile_frames()
+            start = time.perf_counter()
         with torch.inference_mode(), self.switch, self.fusion, active_cache(self.cache):
-            out = self.model(
+            out = model(
                 input_ids=input_ids,
                 position_ids=position_ids,
                 attention_mask=self.dummy_mask,
                 past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=logits_to_keep,
+                **extra,
             )
+        if compiled and _compile_frames() != frames:  # this call compiled: count it as startup time
+            self.compile_seconds += time.perf_counter() - start
         return out.logits[0]
+
+    def _compiled(self) -> Any:
+        if self._compiled_model is None:
+            # dynamic=True: one graph for every packed length T >= 2 (T = 1 gets its own), so new batch
+            # sizes and prompt lengths do not recompile.
+            self._compiled_model = torch.compile(self.model, dynamic=True, backend=self.compile_backend)
+        return self._compiled_model
 
     def _check_layout_on_first_update(self) -> None:
         """Wrap the cache's ``update`` for one forward to assert the real K/V match the pool's layout."""
@@ -232,3 +296,8 @@ class ModelRunner:
             return cache.update(key_states, value_states, layer_idx, *args, **kwargs)
 
         cache.update = checked_update
+
+
+def _compile_frames() -> int:
+    """How many frames Dynamo has compiled in this process (a counter that moves only when one does)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]

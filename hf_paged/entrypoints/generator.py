@@ -85,6 +85,10 @@ class ContinuousGenerator:
             memory and back; a request that does not fit in the swap space is recomputed).
         swap_space_gb: host memory (GiB; pinned on CUDA) for swapped-out blocks, allocated in "swap"
             mode only.
+        compile: "off" (eager), "decode" or "all": those steps run ``torch.compile`` of the model, with
+            the paged attention as one opaque op, so the norms, RoPE, residual adds and MLP
+            activations between attention calls fuse; decode CUDA graphs capture the compiled
+            forward. The first steps of each shape class compile (tens of seconds for a large model).
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class ContinuousGenerator:
         kv_cache_dtype: str = "auto",
         preemption_mode: str = "recompute",
         swap_space_gb: float = 4.0,
+        compile: str = "off",
     ) -> None:
         self.options = EngineOptions(
             block_size=block_size,
@@ -124,6 +129,7 @@ class ContinuousGenerator:
             kv_cache_dtype=kv_cache_dtype,
             preemption_mode=preemption_mode,
             swap_space_gb=swap_space_gb,
+            compile=compile,
         )
         self.core = EngineCore(model, tokenizer, self.options)
         self.model = model

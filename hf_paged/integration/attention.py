@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 # No "flash", "sdpa", "paged|" or "/" in the name: each of those triggers special handling in transformers.
 ATTENTION_NAME = "hf_paged"
+# Keyword through which a compiled forward hands the attention function its PagedCache.
+CACHE_KWARG = "hf_paged_cache"
 
 _ACTIVE_CACHE: ContextVar["PagedCache | None"] = ContextVar("hf_paged_active_cache", default=None)
 # id(config) -> the attention implementation the model uses outside paged steps; the fallback target.
@@ -126,7 +128,9 @@ def paged_attention_forward(
     Steps the kernels cannot express exactly (masks other than left padding, attention weights asked
     for, dropout in train mode) take ``masked_attention`` instead.
     """
-    cache = _ACTIVE_CACHE.get()
+    # A compiled forward passes its cache as a keyword (Dynamo cannot trace ContextVar.get); the model
+    # forwards unknown keywords down to its attention function.
+    cache = kwargs.pop(CACHE_KWARG, None) or _ACTIVE_CACHE.get()
     if cache is None:
         return _fallback(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap, s_aux, kwargs)
     cache.layer_windows[module.layer_idx] = sliding_window
@@ -143,6 +147,14 @@ def paged_attention_forward(
     q_tok = query.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
     k_cache, v_cache = cache.pool.layer(module.layer_idx)
     k_scale, v_scale = cache.pool.layer_scales(module.layer_idx)  # None unless the pool is FP8
+    if torch.compiler.is_compiling():
+        # Under torch.compile the kernel is one opaque op: Dynamo traces everything around it (norms,
+        # RoPE, MLP) into fusable graphs instead of breaking the graph at the launcher's Python.
+        out = torch.ops.hf_paged.paged_attention(
+            q_tok, k_cache, v_cache, step.block_tables, step.seq_lens, step.query_start_loc, step.max_query_len,
+            scale, sliding_window, softcap, s_aux, k_scale, v_scale, cache.backend,
+        )
+        return out.view(batch, q_len, heads, head_dim), None
     out = run_paged_attention(
         q_tok,
         k_cache,
@@ -281,6 +293,108 @@ def run_paged_attention(
         v_scale=v_scale,
         **extra,
     )
+
+
+# ---- custom ops: the paged attention and the K/V write as single opaque nodes for torch.compile ----------
+#
+# Both take only tensors and scalars (the step's metadata tensors are passed in, read from the one
+# ``StepMetadata`` built per step), so Dynamo never traces the Triton launchers or the CPU path's
+# host-side planning, and a compiled forward has no graph break inside a decoder layer. Outside
+# ``torch.compile`` the eager code calls the launchers directly (no custom-op dispatch cost).
+
+
+@torch.library.custom_op("hf_paged::paged_attention", mutates_args=())
+def paged_attention_op(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    """``torch.ops.hf_paged.paged_attention``: causal attention of packed queries over paged K/V.
+
+    Args (the contract of ``kernels/paged_attention.py``, see ``memory/metadata.py`` for the lengths):
+        query: ``[T, Hq, D]`` packed query tokens of the step.
+        k_cache, v_cache: one layer's pool, ``[num_blocks, block_size, Hkv, D]`` (read only: the step's
+            K/V must already be written, by ``hf_paged::write_kv`` or ``KVPool.write``).
+        block_tables, seq_lens, query_start_loc: the step's ``StepMetadata`` tensors (int32).
+        max_query_len: upper bound of the per-row query counts (1 for decode steps).
+        scale, sliding_window, softcap, sinks: as the model's attention passes them.
+        k_scale, v_scale: FP8 pools' per-slot scales, else None.
+        backend: "auto" (Triton on CUDA for its head dims, torch elsewhere), "torch" or "triton".
+
+    Returns a new ``[T, Hq, D]`` tensor in the query's dtype. Graph-capturable on CUDA with Triton.
+    """
+    step = _OpStep(block_tables, seq_lens, query_start_loc, max_query_len, _op_plans())
+    return run_paged_attention(
+        query, k_cache, v_cache, step, scale=scale, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+        backend=backend, k_scale=k_scale, v_scale=v_scale,
+    )
+
+
+@paged_attention_op.register_fake
+def _(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_query_len, scale, sliding_window,
+      softcap, sinks, k_scale, v_scale, backend):
+    return torch.empty_like(query)
+
+
+@torch.library.custom_op("hf_paged::write_kv", mutates_args=("kv", "scales"))
+def write_kv_op(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv: torch.Tensor,
+    scales: torch.Tensor | None,
+    layer: int,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """``torch.ops.hf_paged.write_kv``: what ``KVPool.write`` does, as an op.
+
+    Stores the step's new K/V ``[T, Hkv, D]`` of ``layer`` at ``slot_mapping`` (int64 ``[T]``, -1 =
+    skip) in the whole pool tensor ``kv`` (``KVPool.kv``: ``[layers, 2, blocks, block_size, Hkv, D]``)
+    and, for FP8 pools, ``scales`` (``KVPool.scales``). The op takes the whole pool, not one layer's K and
+    V views, because it declares what it mutates: a mutated base tensor is what functionalization
+    handles in place for sure (a mutated view is re-derived from its base, one more thing to get right).
+    """
+    from ..kernels import kv_write  # the Triton writer on CUDA, the torch reference elsewhere
+
+    writer = kv_write.write_kv if kv.is_cuda else kv_write.write_kv_reference
+    k_scale = v_scale = None
+    if scales is not None:
+        k_scale, v_scale = scales[layer, 0], scales[layer, 1]
+    writer(key, value, kv[layer, 0], kv[layer, 1], slot_mapping, k_scale, v_scale)
+
+
+@write_kv_op.register_fake
+def _(key, value, kv, scales, layer, slot_mapping):
+    return None
+
+
+class _OpStep:
+    """The metadata fields ``run_paged_attention`` reads, rebuilt from the op's arguments."""
+
+    __slots__ = ("block_tables", "seq_lens", "query_start_loc", "max_query_len", "plans")
+
+    def __init__(self, block_tables, seq_lens, query_start_loc, max_query_len, plans):
+        self.block_tables, self.seq_lens, self.query_start_loc = block_tables, seq_lens, query_start_loc
+        self.max_query_len, self.plans = max_query_len, plans
+
+
+def _op_plans() -> dict:
+    """The running step's plan scratch (CPU path: one plan per step, reused by every layer), or a
+    throwaway dict when the op runs outside a paged step. A plan is reused only for the very tensors
+    it was made from, so a stale or foreign dict costs a re-plan, never a wrong result."""
+    cache = _ACTIVE_CACHE.get()
+    step = None if cache is None else cache.step
+    return step.plans if step is not None else {}
 
 
 def _fallback(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap, s_aux, kwargs):
