@@ -50,6 +50,8 @@ _EXPORTS = {
     "AsyncEngine": ".engine.async_engine",
     "EngineDeadError": ".engine.async_engine",
     "EngineOverloadedError": ".engine.async_engine",
+    "EngineProcessError": ".engine.async_engine",
+    "ModelSpec": ".engine.model_spec",
     "EngineStats": ".engine.core",
     "RequestMetrics": ".engine.core",
     "ContinuousGenerator": ".entrypoints.generator",

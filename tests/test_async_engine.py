@@ -290,7 +290,7 @@ def test_shutdown_drains_in_flight_requests_then_refuses_new_ones():
 
     outs = run(main())
     assert all(o[0][1] == "length" and len(o[0][0]) == 30 for o in outs)
-    assert not engine.is_healthy and not engine._thread.is_alive()
+    assert not engine.is_healthy and not engine._backend.is_alive()
     engine.shutdown()  # idempotent
 
 
@@ -306,7 +306,7 @@ def test_shutdown_timeout_aborts_what_is_left():
 
     outs = run(main())
     assert all(o[0][1] == "abort" for o in outs)
-    assert not engine._thread.is_alive()
+    assert not engine._backend.is_alive()
 
 
 def test_async_with_and_request_metrics():
@@ -329,7 +329,7 @@ def test_async_with_and_request_metrics():
     m = by_id["plain"]
     assert m.finish_reason == "length" and m.num_generation_tokens == 12 and m.num_prompt_tokens == len(tok("hello").input_ids)
     assert 0 <= m.queue_time_s <= m.ttft_s <= m.e2e_s and len(m.inter_token_latencies_s) == 11
-    assert not engine._thread.is_alive()
+    assert not engine._backend.is_alive()
 
 
 def test_engine_options_are_explicit():

@@ -12,12 +12,12 @@ from fastapi.testclient import TestClient
 
 from hf_paged import AsyncEngine
 from hf_paged.server.app import Defaults, build_app
-from hf_paged.server.main import load
+from hf_paged.engine.model_spec import ModelSpec
 
 
 @pytest.fixture
 def engine():
-    model, tokenizer, _ = load(None, "cpu", "float32")
+    model, tokenizer = ModelSpec(device="cpu", dtype="float32").load()
     engine = AsyncEngine(model, tokenizer, num_blocks=64)
     yield engine
     engine.shutdown(timeout=5)

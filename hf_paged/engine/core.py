@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,10 +31,11 @@ from ..integration.enable import warn_if_training
 from ..options import EngineOptions
 from .distributed import make_pool_and_runner
 from .inputs import (
+    RequestLimits,
     check_model,
+    check_request,
     check_tokenizer,
     eos_token_ids,
-    prompt_token_ids,
     sampling_params_from_generation_config,
 )
 from .model_runner import kv_layout_from_config, max_model_len
@@ -198,27 +199,12 @@ class EngineCore:
 
         ``where`` names the request in error messages ("request 3", "request 'abc'").
         """
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"{where}: sampling_params must be a SamplingParams, got {type(params).__name__}")
-        try:
-            params.validate()
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        if params.stop and self.tokenizer is None:
-            raise ValueError(f"{where}: stop strings {params.stop!r} need a tokenizer")
-        ids = prompt_token_ids(where, prompt, self.tokenizer, self.num_embeddings)
-        if not ids:
-            raise ValueError(f"{where}: the prompt is empty")
-        if self.max_model_len is not None and len(ids) > self.max_model_len:
-            raise ValueError(f"{where}: the prompt has {len(ids)} tokens, more than the model's context ({self.max_model_len})")
-        bs = self.pool.block_size
-        need = -(-(len(ids) + params.max_new_tokens) // bs)
-        if need > self.pool.num_blocks:
-            raise ValueError(
-                f"{where}: prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs {need} KV "
-                f"blocks of {bs} tokens, but the pool holds {self.pool.num_blocks}; raise num_blocks or lower max_new_tokens"
-            )
-        return ids, replace(params)  # a snapshot: later edits by the caller do not reach running requests
+        return check_request(where, prompt, params, self.tokenizer, self.limits)
+
+    @property
+    def limits(self) -> RequestLimits:
+        """What ``check`` checks against, as plain numbers (a front end in another process uses them)."""
+        return RequestLimits(self.num_embeddings, self.max_model_len, self.pool.block_size, self.pool.num_blocks)
 
     def make_group(
         self, request_id: str, index: int, ids: list[int], params: SamplingParams, *, text: bool, arrival_time: float | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -77,6 +78,45 @@ def prompt_token_ids(where: str, prompt: Any, tokenizer: Any, num_embeddings: in
             raise ValueError(f"{where}: prompt token id {bad!r} is not an int in [0, {num_embeddings})")
         return [int(t) for t in ids]  # numpy ints -> int
     raise TypeError(f"{where}: a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What checking a request needs to know about the engine. Plain numbers, so a front end in another
+    process than the model (``AsyncEngine.from_spec``) checks requests exactly as the engine core does."""
+
+    num_embeddings: int  # token ids must be below this
+    max_model_len: int | None  # the model's context (None: unbounded)
+    block_size: int
+    num_blocks: int  # the pool's size: a request that can never fit is refused
+
+
+def check_request(where: str, prompt: Any, params: Any, tokenizer: Any, limits: RequestLimits) -> tuple[list[int], SamplingParams]:
+    """Validate one prompt and its parameters; returns the token ids and a snapshot of the params.
+
+    ``where`` names the request in error messages ("request 3", "request 'abc'").
+    """
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"{where}: sampling_params must be a SamplingParams, got {type(params).__name__}")
+    try:
+        params.validate()
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if params.stop and tokenizer is None:
+        raise ValueError(f"{where}: stop strings {params.stop!r} need a tokenizer")
+    ids = prompt_token_ids(where, prompt, tokenizer, limits.num_embeddings)
+    if not ids:
+        raise ValueError(f"{where}: the prompt is empty")
+    if limits.max_model_len is not None and len(ids) > limits.max_model_len:
+        raise ValueError(f"{where}: the prompt has {len(ids)} tokens, more than the model's context ({limits.max_model_len})")
+    bs = limits.block_size
+    need = -(-(len(ids) + params.max_new_tokens) // bs)
+    if need > limits.num_blocks:
+        raise ValueError(
+            f"{where}: prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs {need} KV "
+            f"blocks of {bs} tokens, but the pool holds {limits.num_blocks}; raise num_blocks or lower max_new_tokens"
+        )
+    return ids, replace(params)  # a snapshot: later edits by the caller do not reach running requests
 
 
 def sampling_params_from_generation_config(config: Any) -> SamplingParams:

@@ -11,15 +11,14 @@ several times.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 import transformers
 
+from ..engine.model_spec import default_model
 from ..engine.sampling_params import SamplingParams
 from ..integration.enable import disable, enable
 from .bench import left_padded
@@ -88,11 +87,7 @@ def load_model(path: str | None, device: str, dtype: torch.dtype) -> tuple[torch
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         name = path
     else:
-        text = resources.files("hf_paged").joinpath("default_model/config.json").read_text()
-        config = transformers.LlamaConfig.from_dict(json.loads(text))
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(config)
+        model = default_model(device, dtype)
         name = "embedded default (random-weight Llama, 4 layers, d 256)"
     model.to(device=device, dtype=dtype).eval()
     # Fixed-length runs: a random model may emit EOS at any point.

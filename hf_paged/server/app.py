@@ -90,8 +90,8 @@ class Server:
         if self.tokenizer is None:
             raise ValueError("the server needs a tokenizer (for text prompts, chat templates and text outputs)")
         self.max_model_len = engine.max_model_len
-        self.vocab_size = engine.model.get_input_embeddings().weight.shape[0]
-        self.defaults = Defaults.from_generation_config(getattr(engine.model, "generation_config", None))
+        self.vocab_size = engine.vocab_size
+        self.defaults = Defaults.from_generation_config(engine.generation_config)
         self.chat_template = getattr(self.tokenizer, "chat_template", None)
         self.created = int(time.time())
         self.draining = False
@@ -323,8 +323,7 @@ class _Formatter:
                 "model": self.model, "choices": body_choices, "usage": usage}
 
     # Streamed chunks are written as strings around json.dumps of the variable parts: one chunk per
-    # token per request is the server's hottest path (thousands a second on a GPU), and the engine's step
-    # loop shares this process's interpreter lock.
+    # token per request is the server's hottest path (thousands a second on a GPU).
     def start_stream(self, include_usage: bool) -> None:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         self._head = (f'data: {{"id":{json.dumps(self.rid)},"object":"{obj}","created":{self.created},'

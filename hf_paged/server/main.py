@@ -1,8 +1,13 @@
 """``hf-paged serve``: load a model, start the engine, serve the OpenAI API with uvicorn.
 
+The engine's step loop runs in a child process of its own by default (``AsyncEngine.from_spec``): the
+HTTP server's Python (requests, SSE chunks, text for every stream) then never holds up a step.
+``--no-engine-process`` runs it in a thread of the server's process instead; so does tensor parallelism
+(rank 0 serves HTTP and schedules in one process).
+
 Shutdown (SIGTERM or Ctrl-C): the listening socket closes, ``/health`` and new requests answer 503,
 requests in flight finish (up to ``--shutdown-timeout`` seconds; then they are aborted), the engine
-frees its pool, and the process exits 0.
+frees its pool (its process exits), and the server exits 0.
 """
 
 from __future__ import annotations
@@ -12,10 +17,9 @@ import os
 import signal
 import socket
 import sys
-from importlib import resources
 from typing import Any
 
-EMBEDDED_NAME = "hf-paged-default"
+from ..engine.model_spec import EMBEDDED_NAME  # a light module: --help stays fast
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,14 +34,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         f"or {EMBEDDED_NAME!r})")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", help="bfloat16 (CUDA default), float16, float32 (CPU default), float64")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run the model folder's own code (models not built into transformers)")
+    parser.add_argument("--no-engine-process", action="store_true",
+                        help="run the engine's step loop in a thread of the server's process; by default it runs "
+                        "in a process of its own, so that HTTP, SSE and text for many streams never slow a step "
+                        "down (tensor parallelism always runs it in rank 0's process)")
     parser.add_argument("--max-queued-requests", type=int, help="answer 429 once this many requests wait (default: no bound)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds in-flight requests get to finish after SIGTERM")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--switch-interval-ms", type=float, default=1.0,
-                        help="Python's thread switch interval in this process (default 1 ms; Python's is 5 ms): "
-                             "bounds how long the engine's step loop waits for the interpreter lock while the "
-                             "HTTP event loop is busy streaming")
+                        help="Python's thread switch interval in the server's process (default 1 ms; Python's is "
+                             "5 ms): bounds how long a thread waits for the interpreter lock while the HTTP event "
+                             "loop is busy streaming (the step loop's thread with --no-engine-process, else the "
+                             "thread that reads the engine process's outputs)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="shard the model over N GPUs with transformers' tensor-parallel plan: starts N "
                         "processes (rank 0 serves HTTP; or launch with torchrun --nproc-per-node N); N must divide "
@@ -73,45 +84,14 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def load(model_path: str | None, device: str | None, dtype: str | None, tensor_parallel: bool = False) -> tuple[Any, Any, str]:
-    """(model, tokenizer, default served name): a local folder, or the embedded default model.
+def model_spec(args: argparse.Namespace) -> Any:
+    """The ``ModelSpec`` the arguments describe (a one-line error for a bad one)."""
+    from ..engine.model_spec import ModelSpec
 
-    ``tensor_parallel``: load with transformers' TP plan (this process holds its rank's shard)."""
-    import tempfile
-    from pathlib import Path
-
-    import torch
-    import transformers
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise SystemExit(f"--dtype must name a torch dtype (bfloat16, float16, float32, float64), got {dtype!r}")
-    torch_dtype = getattr(torch, dtype)
-    if model_path is None:
-        from ..entrypoints.demo import load_model
-
-        model, _ = load_model(None, "cpu" if tensor_parallel else device, torch_dtype)
-        # The demo makes every run fixed-length; a server stops at the model's end-of-sequence token.
-        model.generation_config.eos_token_id = model.config.eos_token_id
-        folder = resources.files("hf_paged").joinpath("default_model")
-        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
-        if not tensor_parallel:
-            return model, tokenizer, EMBEDDED_NAME
-        # Every rank builds the same seeded weights; a TP plan applies to a model loaded from a folder.
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype, tp_plan="auto").eval()
-        model.generation_config.eos_token_id = model.config.eos_token_id
-        return model, tokenizer, EMBEDDED_NAME
-    if not Path(model_path).is_dir():
-        raise SystemExit(f"MODEL_PATH must be a local model folder, got {model_path!r}")
-    if tensor_parallel:  # each rank on its own accelerator (or the CPU, over gloo), as torchrun assigned
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, tp_plan="auto").eval()
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(device).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-    return model, tokenizer, model_path
+    try:
+        return ModelSpec(args.model_path, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"hf-paged serve: {err}") from None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -154,8 +134,9 @@ def main_serve(args: argparse.Namespace) -> int:
     if not args.switch_interval_ms > 0:
         raise SystemExit(f"--switch-interval-ms must be > 0, got {args.switch_interval_ms}")
     options = engine_options(args)
+    spec = model_spec(args)
     if rank != 0:  # a tensor-parallel worker: runs the steps rank 0's engine schedules, serves nothing
-        model, _, _ = load(args.model_path, args.device, args.dtype, tensor_parallel=True)
+        model, _ = spec.load(tensor_parallel=True)
         # Rank 0 drains its requests on SIGTERM / Ctrl-C and then releases this rank; dying first
         # would fail the requests it is draining.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -165,9 +146,18 @@ def main_serve(args: argparse.Namespace) -> int:
         run_worker(model)
         return 0
     sock = _bind(args.host, args.port)  # before the model loads: a taken port fails fast
-    model, tokenizer, default_name = load(args.model_path, args.device, args.dtype, tensor_parallel=tp > 1)
-    name = args.served_model_name or default_name
-    engine = AsyncEngine(model, tokenizer, max_queued_requests=args.max_queued_requests, **options)
+    name = args.served_model_name or spec.served_name
+    if tp > 1 or args.no_engine_process:
+        model, tokenizer = spec.load(tensor_parallel=tp > 1)
+        engine = AsyncEngine(model, tokenizer, max_queued_requests=args.max_queued_requests, **options)
+    else:
+        from .. import EngineProcessError
+
+        try:
+            engine = AsyncEngine.from_spec(spec, max_queued_requests=args.max_queued_requests, **options)
+        except EngineProcessError as err:
+            sock.close()
+            raise SystemExit(f"hf-paged serve: {err}") from None
     sys.setswitchinterval(args.switch_interval_ms / 1000)  # after the engine, which sets its own default
     try:
         app = build_app(engine, name, tuple(args.api_key))

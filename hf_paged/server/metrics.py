@@ -2,8 +2,8 @@
 
 Gauges and counters are read from ``engine.stats`` when ``/metrics`` is scraped (a custom collector:
 nothing polls, and the numbers are the engine's own). Histograms are fed by the engine's request
-listener, once per finished user request, from the engine thread (prometheus_client's histograms are
-thread-safe). Every series carries the label ``model_name``.
+listener, once per finished user request, from the thread that delivers the engine's outputs
+(prometheus_client's histograms are thread-safe). Every series carries the label ``model_name``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class ServerMetrics:
                                  _TOKEN_BUCKETS)
 
     def observe(self, m: Any) -> None:
-        """Record one finished request (``RequestMetrics``); runs in the engine thread."""
+        """Record one finished request (``RequestMetrics``); runs in the engine's delivery thread."""
         if m.ttft_s is not None:
             self.ttft.observe(m.ttft_s)
         for gap in m.inter_token_latencies_s:
