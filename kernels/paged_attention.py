@@ -42,6 +42,7 @@ outside {64, 80, 96, 128, 256}.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,22 @@ def _kv_tile_ptrs(k_base, v_base, block_id, j, stride_kb, stride_ks, stride_vb, 
 
 
 @triton.jit
+def _e4m3_to_f16_ptx(x):
+    """e4m3 -> fp16 with inline PTX, four values per instance (CUDA only; the interpreter has no PTX).
+
+    Not marked pure on purpose: Triton then converts where this is written, in the tile's load layout.
+    A plain ``.to(tl.float16)`` is moved past the layout change into the MMA operand layout, where the
+    value tile's keys (the reduction axis) are not contiguous: 8-bit elements then take byte loads and
+    byte shuffles (no transposing ldmatrix exists for 8 bits), and about 1.4x the loop's instructions.
+    Converted first, the fp16 tile goes through shared memory and ``ldmatrix.trans`` like a bf16 one.
+    """
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+        "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4,
+    )
+
+
+@triton.jit
 def _softmax_step(
     acc, m_i, l_i,  # running state: [BLOCK_M, HEAD_PAD], [BLOCK_M], [BLOCK_M] fp32 (base-2 logits)
     q, kt, v,  # [BLOCK_M, HEAD_PAD], [HEAD_PAD, TILE], [TILE, HEAD_PAD] (K/V in the query dtype)
@@ -100,7 +117,7 @@ def _softmax_step(
     scale_log2, softcap_log2, sliding_window,
     MASKED: tl.constexpr,  # False: every (row, key) of the tile is visible, skip the mask
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, V_SCALE_ON_P: tl.constexpr,  # see the module docstring
+    KV_FP8: tl.constexpr, V_SCALE_ON_P: tl.constexpr, F16_DOT: tl.constexpr,  # see the module docstring
 ):
     """One online-softmax update with a tile of keys (shared by every loop and launch mode)."""
     s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, TILE] fp32
@@ -125,9 +142,17 @@ def _softmax_step(
     p = tl.exp2(s - m_ref[:, None])  # [BLOCK_M, TILE]
     alpha = tl.exp2(m_i - m_ref)  # [BLOCK_M] rescales what was accumulated so far
     l_i = l_i * alpha + tl.sum(p, 1)
-    if KV_FP8 and V_SCALE_ON_P:
-        p = p * v_scale[None, :]
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    if KV_FP8 and F16_DOT:
+        # p * v_scale would fall into fp16's subnormals for small scales: scale the probabilities by
+        # v_scale / (the tile's largest v_scale), at most 1, and the tile's product by that largest scale.
+        v_max = tl.max(v_scale, 0)
+        v_max = tl.where(v_max > 0.0, v_max, 1.0)  # all-zero rows (and masked keys) have scale 0
+        pv = tl.dot((p * (v_scale / v_max)[None, :]).to(tl.float16), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv * v_max
+    else:
+        if KV_FP8 and V_SCALE_ON_P:
+            p = p * v_scale[None, :]
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -147,7 +172,7 @@ def _attend_tiles(
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     MASKED: tl.constexpr,  # False: every (row, key) of these tiles is visible, skip all masks
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, V_SCALE_ON_P: tl.constexpr,
+    KV_FP8: tl.constexpr, V_SCALE_ON_P: tl.constexpr, F16_DOT: tl.constexpr, PTX_CVT: tl.constexpr,
 ):
     """Accumulate tiles ``[tile_begin, tile_end)``; Triton's pipeliner overlaps the loads (``num_stages``).
     Physical offsets are 64-bit: block_id * stride_kb can pass 2^31 elements on big pools."""
@@ -182,17 +207,24 @@ def _attend_tiles(
             else:
                 k_scale = tl.load(ks_ptr)
                 v_scale = tl.load(vs_ptr)
-            kt = kt.to(q.dtype)
-            if V_SCALE_ON_P:
+            if F16_DOT:  # one cvt.rn.f16x2.e4m3x2 per two elements (to bf16: three instructions)
+                kt = kt.to(tl.float16)
+                if PTX_CVT:
+                    v = _e4m3_to_f16_ptx(v)
+                else:
+                    v = v.to(tl.float16)
+            elif V_SCALE_ON_P:
+                kt = kt.to(q.dtype)
                 v = v.to(q.dtype)
             else:
+                kt = kt.to(q.dtype)
                 v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
         else:
             k_scale = kv_start  # unused
             v_scale = kv_start
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, kt, v, k_scale, v_scale, j, pos, scale_log2,
                                       softcap_log2, sliding_window, MASKED, USE_SOFTCAP, USE_WINDOW,
-                                      DOT_PRECISION, KV_FP8, V_SCALE_ON_P)
+                                      DOT_PRECISION, KV_FP8, V_SCALE_ON_P, F16_DOT)
     return acc, m_i, l_i
 
 
@@ -241,7 +273,9 @@ def _paged_attention_kernel(
     USE_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,  # e4m3 caches with per-(token, KV head) scales
-    V_SCALE_ON_P: tl.constexpr,  # FP8: value scales multiply P (False: the value tile; fp16 queries)
+    V_SCALE_ON_P: tl.constexpr,  # FP8 without F16_DOT: value scales multiply P (False: the value tile)
+    F16_DOT: tl.constexpr,  # FP8: K/V tiles become fp16 and both dots run in fp16 (16-bit queries)
+    PTX_CVT: tl.constexpr,  # F16_DOT on CUDA: value tiles converted by _e4m3_to_f16_ptx
 ):
     # Reverse order: the last q-blocks of a row see the most keys, start them first.
     if HEADS_FIRST:
@@ -279,6 +313,13 @@ def _paged_attention_kernel(
         mask=rd_mask,
         other=0.0,
     )  # [BLOCK_M, HEAD_PAD]
+    if KV_FP8 and F16_DOT and query_ptr.dtype.element_ty != tl.float16:
+        # bf16 queries -> fp16: exact below 2^15 (more mantissa bits); larger queries are first scaled
+        # down by a power of 2 and the logits' scale up by the same factor.
+        q_max = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0)
+        shift = tl.maximum(tl.ceil(tl.log2(q_max)) - 15.0, 0.0)
+        q = (q.to(tl.float32) * tl.exp2(-shift)).to(tl.float16)
+        scale_log2 = scale_log2 * tl.exp2(shift)
 
     # Key range of the whole q-block, in tiles counted from kv_start (TILE-aligned).
     first_pos = context_len + q_block * BLOCK_Q
@@ -322,20 +363,21 @@ def _paged_attention_kernel(
             tl.minimum(t_end, full_lo), kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
             stride_ksb, stride_kss, stride_vsb, stride_vss, scale_log2, softcap_log2, sliding_window,
             HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8,
-            V_SCALE_ON_P,
+            V_SCALE_ON_P, F16_DOT, PTX_CVT,
         )
     acc, m_i, l_i = _attend_tiles(  # tiles every row sees in full
         acc, m_i, l_i, q, pos, k_base, v_base, ks_base, vs_base, bt_row, tl.maximum(t_begin, full_lo),
         tl.minimum(t_end, full_hi), kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
         stride_ksb, stride_kss, stride_vsb, stride_vss, scale_log2, softcap_log2, sliding_window,
         HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, False, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8,
-        V_SCALE_ON_P,
+        V_SCALE_ON_P, F16_DOT, PTX_CVT,
     )
     acc, m_i, l_i = _attend_tiles(  # tiles cut by the causal diagonal (and the sequence end)
         acc, m_i, l_i, q, pos, k_base, v_base, ks_base, vs_base, bt_row, tl.maximum(t_begin, full_hi),
         t_end, kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
         stride_vsb, stride_vss, scale_log2, softcap_log2, sliding_window, HEAD_DIM, HEAD_PAD,
-        BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8, V_SCALE_ON_P,
+        BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8, V_SCALE_ON_P, F16_DOT,
+        PTX_CVT,
     )
 
     # l == 0 only when a row saw no key (and no sink): its output is exactly 0.
@@ -405,6 +447,8 @@ class _Config:
     num_stages: int  # Triton's software pipelining depth
     num_splits: int  # KV splits per (q-block, KV head); 1 = no merge kernel
     heads_first: bool = True  # grid axis 0 = KV heads
+    fp8_f16_dot: bool = True  # FP8 caches, 16-bit queries: fp16 dots (False: dots in the query dtype)
+    fp8_ptx_cvt: bool = True  # with fp8_f16_dot on CUDA: value tiles converted by inline PTX
 
 
 _MAX_SPLITS = 64
@@ -558,6 +602,7 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
     num_q_programs = num_seqs * per_row if row_grid else searched
     split = cfg.num_splits > 1
     kv_fp8 = k_scale is not None
+    f16_dot = kv_fp8 and query.dtype != torch.float32 and cfg.fp8_f16_dot
     if split:
         part_out = torch.empty(num_tokens, num_q_heads, cfg.num_splits, head_dim, device=query.device,
                                dtype=torch.float32)
@@ -619,6 +664,8 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         KV_FP8=kv_fp8,
         V_SCALE_ON_P=query.dtype != torch.float16,
+        F16_DOT=f16_dot,
+        PTX_CVT=f16_dot and cfg.fp8_ptx_cvt and query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
