@@ -33,7 +33,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -81,6 +81,12 @@ def make_prompts(num: int, input_len: tuple[int, int], seed: int, tokenizer_path
         lengths[k] = len(tok(text, add_special_tokens=False)["input_ids"])  # exact even when the fit did not converge
         prompts.append(text)
     return prompts, lengths
+
+
+def rate_prompt_seed(seed: int, rate: float) -> int:
+    """The prompts' seed at one rate: ``seed`` itself at rate inf (the saturation point every comparison
+    uses), a different one per finite rate."""
+    return seed if math.isinf(rate) else seed + 7919 * (1 + round(rate * 1000))
 
 
 # ---- one request ---------------------------------------------------------------------------------
@@ -303,6 +309,7 @@ async def main_run_async(args) -> int:
             raise SystemExit(f"--goodput keys are ttft, tpot, e2el (milliseconds), got {key!r}")
         slo[key] = float(ms)
     prompts, lengths = make_prompts(args.num_prompts, args.input_len, args.seed, args.tokenizer, args.vocab_size)
+    first_lengths = lengths
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(args.request_timeout, connect=30.0)
@@ -321,11 +328,16 @@ async def main_run_async(args) -> int:
         if bad:
             raise SystemExit(f"warm-up requests failed: {bad[:3]}")
         rows = []
-        for k, rate in enumerate(rates):
+        saved_prompts = prompts
+        for rate in rates:
             # Fresh prompts per rate: the server's prefix cache must not serve one rate the prompts of another.
-            if k:
-                prompts, lengths = make_prompts(args.num_prompts, args.input_len, args.seed + 7919 * k,
-                                                args.tokenizer, args.vocab_size)
+            # Seeded by the rate itself, so rate inf always sends --seed's prompts: two runs (say, two server
+            # modes) and `offline` compare on exactly the same requests whatever the other rates were.
+            rate_seed = rate_prompt_seed(args.seed, rate)
+            if rate_seed != args.seed:
+                prompts, lengths = make_prompts(args.num_prompts, args.input_len, rate_seed, args.tokenizer, args.vocab_size)
+            else:
+                prompts, lengths = saved_prompts, first_lengths
             outcomes, duration, peak = await run_rate(args, client, url, model, prompts, lengths, rate)
             rows.append(summarize(rate, outcomes, duration, peak, slo))
             print(render_table(rows[-1:], f"{args.label} @ rate {rate}"), flush=True)
@@ -335,7 +347,7 @@ async def main_run_async(args) -> int:
     if args.out:
         record = {"label": args.label, "base_url": args.base_url, "model": model, "endpoint": args.endpoint,
                   "num_prompts": args.num_prompts, "input_len": list(args.input_len), "output_len": args.output_len,
-                  "slo_ms": slo, "rows": rows, "prompts": prompts}  # the last rate's prompts (offline reruns them)
+                  "slo_ms": slo, "rows": rows, "prompts": saved_prompts}  # rate inf's (offline reruns them)
         Path(args.out).write_text(json.dumps(record))
         print(f"wrote {args.out}")
     failed = sum(r["failed"] for r in rows)
@@ -392,12 +404,12 @@ def main_offline(args) -> int:
 
     from hf_paged import ContinuousGenerator, SamplingParams
 
-    if args.requests and Path(args.requests).is_file():
-        record = json.loads(Path(args.requests).read_text())
+    records = [json.loads(Path(p).read_text()) for p in args.requests or () if Path(p).is_file()]
+    record = records[0] if records else None
+    if record is not None:
         prompts = record["prompts"][: args.num_prompts or None]
         output_len = args.output_len or record["output_len"]
-    else:  # the prompts a `run` with the same --num-prompts / --input-len / --seed sends
-        record = None
+    else:  # the prompts a `run` with the same --num-prompts / --input-len / --seed sends at rate inf
         prompts, _ = make_prompts(args.num_prompts or 200, args.input_len, args.seed, args.model, None)
         output_len = args.output_len or 256
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -424,12 +436,21 @@ def main_offline(args) -> int:
     best = max(rows, key=lambda r: r["out_tok_per_s"])
     print(f"offline ContinuousGenerator, {len(prompts)} prompts x {output_len} new tokens: "
           + ", ".join(f"{r['out_tok_per_s']:,.0f} out tok/s ({r['wall_s']:.2f} s)" for r in rows))
-    served = [r for r in record["rows"] if r["rate"] == "inf"] if record else []
-    if served:
-        ratio = served[0]["out_tok_per_s"] / best["out_tok_per_s"]
-        print(f"server at rate inf ({record['label']}): {served[0]['out_tok_per_s']:,.0f} out tok/s = {ratio:.1%} of offline")
+    ratios = {}
+    for rec in records:  # each run's saturation point (rate inf) against offline, on the same prompts
+        served = [r for r in rec["rows"] if r["rate"] == "inf"]
+        if not served:
+            continue
+        if rec["prompts"][: len(prompts)] != prompts or rec["output_len"] != output_len:
+            print(f"{rec['label']}: its rate-inf requests differ from these (another seed or length): not compared")
+            continue
+        ratios[rec["label"]] = ratio = served[0]["out_tok_per_s"] / best["out_tok_per_s"]
+        tpot = served[0]["tpot_p50_ms"]
+        print(f"saturation ({rec['label']}, rate inf): {served[0]['out_tok_per_s']:,.0f} out tok/s = {ratio:.1%} of "
+              f"offline {best['out_tok_per_s']:,.0f}; TPOT p50 " + ("n/a" if tpot is None else f"{tpot:.1f} ms"))
     if args.out:
-        Path(args.out).write_text(json.dumps({"offline": rows, "num_prompts": len(prompts), "output_len": output_len}))
+        Path(args.out).write_text(json.dumps({"offline": rows, "num_prompts": len(prompts), "output_len": output_len,
+                                              "saturation_ratio": ratios}))
     return 0
 
 
@@ -508,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default="serve_latency.png")
     off = sub.add_parser("offline", help="ContinuousGenerator throughput on the prompts of a `run` result")
     off.add_argument("--model", required=True, help="the model folder the server loaded")
-    off.add_argument("--requests", help="a `run` result JSON: its prompts are reused and its rate-inf row compared")
+    off.add_argument("--requests", nargs="+", help="`run` result JSONs: the first one's rate-inf prompts are rerun, "
+                     "and each run's rate-inf row is compared with offline (missing files are skipped)")
     off.add_argument("--output-len", type=int)
     off.add_argument("--num-prompts", type=int)
     off.add_argument("--input-len", type=parse_range, default=(64, 1024), help="without --requests: as `run`'s")

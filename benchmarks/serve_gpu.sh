@@ -4,21 +4,31 @@
 # benchmarks/bench_serve.py over the same Poisson rate sweep; plus offline ContinuousGenerator on the
 # same requests (the ">= 90% of offline" check). Run from the repository root:
 #
-#   bash benchmarks/serve_gpu.sh hf-paged        # save the model if needed, sweep hf-paged serve
-#   bash benchmarks/serve_gpu.sh offline         # ContinuousGenerator on the sweep's prompts
+#   bash benchmarks/serve_gpu.sh hf-paged        # save the model if needed, sweep hf-paged serve (engine in
+#                                                # its own process, the default)
+#   bash benchmarks/serve_gpu.sh hf-paged-thread # hf-paged serve --no-engine-process (step loop in the HTTP
+#                                                # server's process) at RATES_THREAD (default: inf only)
+#   bash benchmarks/serve_gpu.sh offline         # ContinuousGenerator on the rate-inf prompts; prints each
+#                                                # sweep's saturation throughput as a share of offline
 #   bash benchmarks/serve_gpu.sh transformers    # sweep transformers serve on the same model
 #   bash benchmarks/serve_gpu.sh plot            # latency-vs-rate PNG of every sweep found
 #
 # Phases can be combined (`bash benchmarks/serve_gpu.sh hf-paged offline`). Results go to $RESULTS_DIR
 # (default /tmp/serve_bench; copied to $OUT when that is set): JSON per sweep, server logs, the PNG.
-# Knobs (env): MODEL_DIR, RATES, NUM_PROMPTS, TF_NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN, MAX_DURATION, GOODPUT,
-# DTYPE, DEVICE, WHEEL_DIR (a CPU dry run: MODEL_DIR=<a saved `--shape default`> DTYPE=float32 DEVICE=cpu).
+# Every sweep sends the same prompts at rate inf (seeded by the rate), so the saturation points of the
+# server modes and offline are measured on identical requests.
+# Knobs (env): MODEL_DIR, RATES, RATES_THREAD, NUM_PROMPTS, TF_NUM_PROMPTS, EQUAL_LOAD (1: also sweep
+# hf-paged with TF_NUM_PROMPTS, for the side-by-side with transformers), INPUT_LEN, OUTPUT_LEN,
+# MAX_DURATION, GOODPUT, DTYPE, DEVICE, WHEEL_DIR (a CPU dry run: MODEL_DIR=<a saved `--shape default`>
+# DTYPE=float32 DEVICE=cpu).
 # Missing Python packages (fastapi, uvicorn, pydantic, openai, ...) are installed from .whl/ when present.
 set -euo pipefail
 
 RESULTS_DIR=${RESULTS_DIR:-/tmp/serve_bench}
 MODEL_DIR=${MODEL_DIR:-/tmp/llama8b-random}
 RATES=${RATES:-4,8,16,32,inf}
+RATES_THREAD=${RATES_THREAD:-inf}       # hf-paged-thread: the before/after point (saturation)
+EQUAL_LOAD=${EQUAL_LOAD:-1}
 NUM_PROMPTS=${NUM_PROMPTS:-256}         # hf-paged's sweep (saturates the 8B at 'inf')
 TF_NUM_PROMPTS=${TF_NUM_PROMPTS:-64}    # transformers serve is ~10x slower: fewer prompts keep it in time
 INPUT_LEN=${INPUT_LEN:-64:1024}
@@ -69,24 +79,40 @@ sweep() {  # sweep LABEL PORT MODEL_NAME NUM_PROMPTS EXTRA...
     --out "$RESULTS_DIR/$label.json" "$@"
 }
 
+start_hf_paged() {  # start_hf_paged LOG EXTRA...: starts the server in the background, sets $pid
+  local log=$1; shift
+  python3 -m hf_paged serve "$MODEL_DIR" --host 127.0.0.1 --port $HF_PORT --served-model-name llama-8b \
+    --device "$DEVICE" --dtype "$DTYPE" --log-level warning "$@" >"$RESULTS_DIR/$log" 2>&1 &
+  pid=$!
+  wait_http "http://127.0.0.1:$HF_PORT/health" $pid 600
+}
+
 phase_hf_paged() {
   save_model
-  python3 -m hf_paged serve "$MODEL_DIR" --host 127.0.0.1 --port $HF_PORT --served-model-name llama-8b \
-    --device "$DEVICE" --dtype "$DTYPE" --log-level warning >"$RESULTS_DIR/hf_paged_server.log" 2>&1 &
-  local pid=$!
-  wait_http "http://127.0.0.1:$HF_PORT/health" $pid 600
+  start_hf_paged hf_paged_server.log  # the engine's step loop in its own process (serve's default)
   sweep hf-paged $HF_PORT llama-8b "$NUM_PROMPTS" --ignore-eos
-  # The same prompts and rates as the transformers sweep, for a side-by-side at equal load.
-  sweep "hf-paged-$TF_NUM_PROMPTS" $HF_PORT llama-8b "$TF_NUM_PROMPTS" --ignore-eos
+  if [ "$EQUAL_LOAD" = 1 ]; then
+    # The same prompts and rates as the transformers sweep, for a side-by-side at equal load.
+    sweep "hf-paged-$TF_NUM_PROMPTS" $HF_PORT llama-8b "$TF_NUM_PROMPTS" --ignore-eos
+  fi
   curl -s "http://127.0.0.1:$HF_PORT/metrics" | grep -v '^#' | grep -v _bucket >"$RESULTS_DIR/hf_paged_metrics.txt"
+  stop_server $pid
+}
+
+phase_hf_paged_thread() {
+  save_model
+  start_hf_paged hf_paged_thread_server.log --no-engine-process  # the step loop shares the HTTP process
+  RATES=$RATES_THREAD sweep hf-paged-thread $HF_PORT llama-8b "$NUM_PROMPTS" --ignore-eos
   stop_server $pid
 }
 
 phase_offline() {
   save_model
-  # The sweep's own prompts when its JSON is here, else the same ones regenerated (same seed and lengths).
-  $BENCH offline --model "$MODEL_DIR" --requests "$RESULTS_DIR/hf-paged.json" --num-prompts "$NUM_PROMPTS" \
-    --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --dtype "$DTYPE" --out "$RESULTS_DIR/offline.json"
+  # The sweeps' rate-inf prompts (the first JSON found; regenerated from the same seed and lengths when
+  # there is none), and each sweep's saturation point as a share of offline.
+  $BENCH offline --model "$MODEL_DIR" --num-prompts "$NUM_PROMPTS" --input-len "$INPUT_LEN" \
+    --requests "$RESULTS_DIR/hf-paged.json" "$RESULTS_DIR/hf-paged-thread.json" \
+    --output-len "$OUTPUT_LEN" --dtype "$DTYPE" --out "$RESULTS_DIR/offline.json"
 }
 
 phase_transformers() {
@@ -103,7 +129,7 @@ phase_transformers() {
 
 phase_plot() {
   local runs=()
-  for f in hf-paged "hf-paged-$TF_NUM_PROMPTS" transformers; do
+  for f in hf-paged hf-paged-thread "hf-paged-$TF_NUM_PROMPTS" transformers; do
     [ -f "$RESULTS_DIR/$f.json" ] && runs+=("$RESULTS_DIR/$f.json")
   done
   $BENCH plot "${runs[@]}" --out "$RESULTS_DIR/serve_latency.png"
@@ -115,10 +141,11 @@ for phase in "${@:-hf-paged}"; do
   echo "=== $phase"
   case $phase in
     hf-paged) phase_hf_paged ;;
+    hf-paged-thread) phase_hf_paged_thread ;;
     offline) phase_offline ;;
     transformers) phase_transformers ;;
     plot) phase_plot ;;
-    *) echo "unknown phase $phase (hf-paged, offline, transformers, plot)"; exit 2 ;;
+    *) echo "unknown phase $phase (hf-paged, hf-paged-thread, offline, transformers, plot)"; exit 2 ;;
   esac
 done
 if [ -n "${OUT:-}" ]; then cp "$RESULTS_DIR"/* "$OUT"/; fi
