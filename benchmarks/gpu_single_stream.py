@@ -7,8 +7,9 @@
 2. Speed (random-weight shape in bfloat16, one request, ``--prompt`` tokens -> ``--new`` new tokens,
    greedy, no EOS): stock dynamic cache; stock static cache + ``torch.compile`` (transformers' automatic
    compile of the decode forward, ``cache_implementation="static"``); ``enable()`` eager
-   (``cuda_graphs=False``); ``enable()`` with decode CUDA graphs. Each system runs once to warm up
-   (compile, capture) and is then timed; its tokens are compared with stock dynamic's.
+   (``cuda_graphs=False``); ``enable()`` with decode CUDA graphs; ``enable(compile="decode")``: the graphs
+   capture ``torch.compile`` of the forward. Each system runs once to warm up (compile, capture) and is
+   then timed; its tokens are compared with stock dynamic's.
 
 Prints a table last: tok/s, ms/token, whether the tokens match stock dynamic (else the first position
 that differs; bfloat16 near-ties can flip between attention kernels) and ``enable()``'s graph counters.
@@ -49,10 +50,12 @@ def parity() -> list[str]:
         mask[row, -n:] = 1
     batch = dict(input_ids=ids.cuda(), attention_mask=mask.cuda())
     lines = []
-    for label, extra in (("greedy, 4 left-padded rows", {}), ("beams=3, 4 rows", dict(num_beams=3))):
+    cases = [("greedy, 4 left-padded rows", {}, "off"), ("beams=3, 4 rows", dict(num_beams=3), "off"),
+             ("greedy, 4 left-padded rows, compile='decode'", {}, "decode")]
+    for label, extra, compile_mode in cases:
         kwargs = dict(max_new_tokens=24, do_sample=False, **extra)
         stock = model.generate(**batch, **kwargs)
-        hf_paged.enable(model, num_blocks=256)
+        hf_paged.enable(model, num_blocks=256, compile=compile_mode)
         graphs = model._hf_paged_state.graphs
         try:
             paged = model.generate(**batch, **kwargs)
@@ -87,7 +90,7 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-8b")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=256)
-    parser.add_argument("--skip-compile", action="store_true", help="leave out stock static cache + compile")
+    parser.add_argument("--skip-compile", action="store_true", help="leave out both compiled rows")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.cuda.get_device_name()}")
     lines = parity()
@@ -115,7 +118,13 @@ def main() -> None:
     hf_paged.enable(model, num_blocks=1024)  # new options: disable + enable
     graphs = model._hf_paged_state.graphs
     run("enable(), decode CUDA graphs", {},
-        note=lambda: f"; graphs captured {graphs.captures}, steps replayed {graphs.replays}")
+        note=lambda: f"; graphs captured {graphs.captures} in {graphs.capture_seconds:.1f} s, steps replayed {graphs.replays}")
+    if not args.skip_compile:
+        hf_paged.enable(model, num_blocks=1024, compile="decode")
+        graphs = model._hf_paged_state.graphs
+        run("enable(compile='decode'), decode CUDA graphs", {},
+            note=lambda: f"; graphs captured {graphs.captures} in {graphs.capture_seconds:.1f} s (compile included), "
+                         f"steps replayed {graphs.replays}")
     hf_paged.disable(model)
 
     reference = rows[0][1]

@@ -67,10 +67,17 @@ class EnableOptions:
     kv_cache_dtype: str = "auto"
     # Decode steps of generate replay CUDA graphs (CUDA, Triton kernels, supported model families).
     cuda_graphs: bool = True
+    # "decode": those graphs capture torch.compile of the forward (fused norms, RoPE, MLP) around the
+    # paged-attention op; "off": the eager forward.
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         if not isinstance(self.cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        if self.compile not in ("off", "decode"):
+            raise ValueError(f"compile must be 'off' or 'decode', got {self.compile!r}")
+        if self.compile != "off" and not self.cuda_graphs:
+            raise ValueError("compile='decode' compiles the forward the decode CUDA graphs capture: needs cuda_graphs=True")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         self.pool()  # validates the pool fields

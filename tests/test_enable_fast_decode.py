@@ -194,3 +194,41 @@ def test_cuda_graphs_match_stock_fp32():
     for out in runs:
         assert torch.equal(out.sequences, stock.sequences)
         torch.testing.assert_close(torch.stack(out.logits), torch.stack(stock.logits), rtol=1e-3, atol=1e-3)
+
+
+def test_compiled_static_decode_matches_stock():
+    """compile='decode': the forward the graphs capture is torch.compile's (here without capture)."""
+    model = make_model("llama")
+    batch = left_padded_batch(LENGTHS, seed=3)
+    kwargs = dict(max_new_tokens=8, do_sample=False)
+    alone = [_alone(model, batch, row, **kwargs) for row in range(len(LENGTHS))]
+    hf_paged.enable(model, compile="decode")
+    try:
+        assert model._hf_paged_state.graphs.compile
+        graphs = model._hf_paged_state.graphs = DecodeGraphs(model, capture=False, compile=True)
+        out = model.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
+    finally:
+        hf_paged.disable(model)
+    for row in range(len(LENGTHS)):
+        assert torch.equal(out[row], alone[row]), row
+    assert graphs.replays == 7 and graphs._compiled is not None
+    with pytest.raises(ValueError, match="cuda_graphs=True"):
+        hf_paged.enable(model, compile="decode", cuda_graphs=False)
+    with pytest.raises(ValueError, match="compile"):
+        hf_paged.enable(model, compile="all")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_cuda_graphs_match_stock_fp32():
+    model = make_model("llama", dtype=torch.float32, head_dim=64).cuda()
+    batch = {k: v.cuda() for k, v in left_padded_batch([5, 40, 3, 17], seed=2).items()}
+    kwargs = dict(max_new_tokens=16, do_sample=False)
+    stock = model.generate(**batch, **kwargs)
+    hf_paged.enable(model, compile="decode")
+    graphs = model._hf_paged_state.graphs
+    try:
+        paged = model.generate(**batch, **kwargs)
+    finally:
+        hf_paged.disable(model)
+    assert (graphs.captures, graphs.replays) == (1, 15)
+    assert torch.equal(paged, stock)

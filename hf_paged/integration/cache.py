@@ -261,6 +261,8 @@ class PagedCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's K/V (``[B, H_kv, q, D]``) into the pool; the only K/V writer of hf_paged."""
+        if torch.compiler.is_compiling():
+            return self._compiled_update(key_states, value_states, layer_idx)
         if not self._external and (self._last_layer is None or layer_idx <= self._last_layer or self._has_pending):
             self._plan(key_states)
         self._last_layer = layer_idx
@@ -272,6 +274,18 @@ class PagedCache(Cache):
         self.pool.write(layer_idx, k_tok, v_tok, step.slot_mapping)
         if self.dense:
             return self._gather_dense(layer_idx)
+        return key_states, value_states
+
+    def _compiled_update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
+        """``update`` as ``torch.compile`` traces it: the step was planned outside the compiled region
+        (``static_step``), and the write is the opaque ``hf_paged::write_kv`` op (registered by the attention
+        module), so nothing here runs host logic per step."""
+        if not self._external or self.dense:
+            raise RuntimeError("a compiled forward over a PagedCache needs a step planned outside it (static_step)")
+        batch, heads, q_len, head_dim = key_states.shape
+        k_tok = key_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
+        v_tok = value_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
+        torch.ops.hf_paged.write_kv(k_tok, v_tok, self.pool.kv, self.pool.scales, layer_idx, self.step.slot_mapping)
         return key_states, value_states
 
     def _plan(self, key_states: torch.Tensor) -> None:

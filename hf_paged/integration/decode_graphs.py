@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import torch
 
 from ..memory.kv_pool import KVPool
 from ..memory.metadata import StepMetadata
-from .attention import TRITON_HEAD_DIMS
+from .attention import CACHE_KWARG, TRITON_HEAD_DIMS
 from .cache import PagedCache
 
 logger = logging.getLogger("hf_paged")
@@ -92,11 +93,20 @@ class DecodeGraphs:
     Args:
         model: the enabled model (its type must be in ``GRAPH_MODEL_TYPES``).
         capture: record CUDA graphs (CUDA only); False runs the static-buffer path eagerly (tests).
+        compile: run the forward through ``torch.compile`` (the graphs then capture the compiled
+            forward: elementwise work fused around the opaque paged-attention and K/V-write ops).
+        compile_backend: ``torch.compile``'s backend ("inductor" fuses; tests also use "aot_eager").
     """
 
-    def __init__(self, model: torch.nn.Module, capture: bool = True) -> None:
+    def __init__(
+        self, model: torch.nn.Module, capture: bool = True, compile: bool = False, compile_backend: str = "inductor"
+    ) -> None:
         self.model = model
         self.capture = capture
+        self.compile = compile
+        self.compile_backend = compile_backend
+        self._compiled: tuple[Any, Any] | None = None  # (forward, its torch.compile)
+        self.capture_seconds = 0.0  # warm-up (and compile) plus capture, all graphs
         self._graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self._failed: set[tuple] = set()
         # One step at a time: the buffers are shared. A second thread's step runs the eager path.
@@ -151,6 +161,9 @@ class DecodeGraphs:
             self._graphs.move_to_end(key)
             self._load(graph, cache, kwargs)
             call = self._call_kwargs(graph, cache, kwargs)
+            if self.compile:
+                forward = self._compiled_forward(forward)
+                call[CACHE_KWARG] = cache  # Dynamo cannot read the cache from the attention's ContextVar
             if fresh and self.capture and key not in self._failed:
                 self._capture(key, graph, forward, cache, call)
             if graph.graph is not None:
@@ -165,6 +178,12 @@ class DecodeGraphs:
             return self._result(output, cache, graph)
         finally:
             self._lock.release()
+
+    def _compiled_forward(self, forward: Callable[..., Any]) -> Any:
+        if self._compiled is None or self._compiled[0] is not forward:
+            # The bound forward, not the module: the enable hooks around it stay eager.
+            self._compiled = (forward, torch.compile(forward, backend=self.compile_backend))
+        return self._compiled[1]
 
     def _argument_key(self, kwargs: dict) -> tuple | None:
         """Shapes of the step tensors and values of the other arguments, or None when not eligible."""
@@ -285,6 +304,7 @@ class DecodeGraphs:
     def _capture(self, key: tuple, graph: _Graph, forward: Callable[..., Any], cache: PagedCache, call: dict) -> None:
         """Warm up (Triton compiles, cuBLAS picks algorithms), then capture. The warm-up forwards write
         this step's K/V, as the replay that follows does again: the same values to the same slots."""
+        start = time.perf_counter()
         try:
             with cache.static_step(graph.step), torch.no_grad():
                 stream = torch.cuda.Stream()
@@ -307,6 +327,7 @@ class DecodeGraphs:
         graph.graph = cuda_graph
         graph.weights = self._weights()
         self.captures += 1
+        self.capture_seconds += time.perf_counter() - start
         logger.info("hf_paged: captured a decode CUDA graph (batch %d, block table width %d)", graph.batch, graph.width)
 
     def _result(self, output: Any, cache: PagedCache, graph: _Graph) -> Any:

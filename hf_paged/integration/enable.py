@@ -128,7 +128,9 @@ def enable(model: torch.nn.Module, **options: Any) -> torch.nn.Module:
     float8 e4m3 with a float32 scale per token and KV head, about half the bytes per token),
     ``cuda_graphs`` (True: on CUDA, the decode steps of Llama, Mistral, Qwen2/3, Gemma2 and Phi-3 models
     replay a CUDA graph per batch size instead of launching every kernel from Python; the first step of
-    a new batch size captures one).
+    a new batch size captures one), ``compile`` ("off" | "decode": those graphs capture ``torch.compile`` of
+    the forward, which fuses the elementwise work between the paged-attention calls; the first step of a
+    batch size then also compiles, tens of seconds for an 8B model).
     """
     opts = from_kwargs(EnableOptions, options, where="hf_paged.enable()")
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate"):
@@ -169,7 +171,7 @@ def enable(model: torch.nn.Module, **options: Any) -> torch.nn.Module:
         )
 
     if opts.cuda_graphs and uses_interface and state.tp_group is None and DecodeGraphs.supports(model):
-        state.graphs = DecodeGraphs(model)
+        state.graphs = DecodeGraphs(model, compile=opts.compile == "decode")
     state.hooks = [
         model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
         model.register_forward_hook(_post_forward, with_kwargs=True, always_call=True),
