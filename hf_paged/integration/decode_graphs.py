@@ -26,6 +26,7 @@ check it token for token against stock ``generate``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -144,40 +145,47 @@ class DecodeGraphs:
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            cache.advance_decode_step()
-            bs = pool.block_size
-            width = table_width(max(map(len, cache._blocks)), cache.expected_len, bs)
-            key = (batch, width, id(pool), key_args)
-            graph = self._graphs.get(key)
-            if graph is not None and graph.graph is not None and not self._same_weights(graph, cache):
-                del self._graphs[key]
-                graph = None
-            fresh = graph is None
-            if fresh:
-                graph = self._new_graph(batch, width, pool, kwargs)
-                self._graphs[key] = graph
-                while len(self._graphs) > MAX_GRAPHS:
-                    self._graphs.popitem(last=False)
-            self._graphs.move_to_end(key)
-            self._load(graph, cache, kwargs)
-            call = self._call_kwargs(graph, cache, kwargs)
-            if self.compile:
-                forward = self._compiled_forward(forward)
-                call[CACHE_KWARG] = cache  # Dynamo cannot read the cache from the attention's ContextVar
-            if fresh and self.capture and key not in self._failed:
-                self._capture(key, graph, forward, cache, call)
-            if graph.graph is not None:
-                graph.graph.replay()
-                cache.step = graph.step
-                output = None
-            else:
-                graph.step.plans.clear()  # the torch path's per-step plans are stale with new values
-                with cache.static_step(graph.step):
-                    output = forward(**call)
-            self.replays += 1
-            return self._result(output, cache, graph)
+            # Streams, events and graphs belong to the current device: make it the model's.
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                return self._step(forward, cache, kwargs, batch, key_args)
         finally:
             self._lock.release()
+
+    def _step(self, forward: Callable[..., Any], cache: PagedCache, kwargs: dict, batch: int, key_args: tuple) -> Any:
+        """Plan the step on the host, refresh the buffers, then replay (capturing first if new)."""
+        pool = cache.pool
+        cache.advance_decode_step()
+        bs = pool.block_size
+        width = table_width(max(map(len, cache._blocks)), cache.expected_len, bs)
+        key = (batch, width, id(pool), key_args)
+        graph = self._graphs.get(key)
+        if graph is not None and graph.graph is not None and not self._same_weights(graph, cache):
+            del self._graphs[key]
+            graph = None
+        fresh = graph is None
+        if fresh:
+            graph = self._new_graph(batch, width, pool, kwargs)
+            self._graphs[key] = graph
+            while len(self._graphs) > MAX_GRAPHS:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        self._load(graph, cache, kwargs)
+        call = self._call_kwargs(graph, cache, kwargs)
+        if self.compile:
+            forward = self._compiled_forward(forward)
+            call[CACHE_KWARG] = cache  # Dynamo cannot read the cache from the attention's ContextVar
+        if fresh and self.capture and key not in self._failed:
+            self._capture(key, graph, forward, cache, call)
+        if graph.graph is not None:
+            graph.graph.replay()
+            cache.step = graph.step
+            output = None
+        else:
+            graph.step.plans.clear()  # the torch path's per-step plans are stale with new values
+            with cache.static_step(graph.step):
+                output = forward(**call)
+        self.replays += 1
+        return self._result(output, cache, graph)
 
     def _compiled_forward(self, forward: Callable[..., Any]) -> Any:
         if self._compiled is None or self._compiled[0] is not forward:
