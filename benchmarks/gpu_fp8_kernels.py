@@ -1,0 +1,265 @@
+"""FP8 (e4m3) KV decode on one GPU: every kernel variant against the reference, then decode timings, bf16
+against FP8, with a small launch-config sweep of the FP8 kernel.
+
+Usage (repo root, on a CUDA GPU with FP8 support: Ada, Hopper or newer; the package need not be installed)::
+
+    python benchmarks/gpu_fp8_kernels.py [--out fp8_kernels.json] [--budget 170]
+
+Variants (all through ``paged_attention._launch`` with an explicit ``_Config``):
+
+* ``bf16``: bf16 K/V, the tuned default config.
+* ``fp8-old``: FP8 K/V converted to bf16 in the MMA operand layout, bf16 dots (``fp8_f16_dot=False``; the
+  kernel as it was first measured).
+* ``fp8-f16``: FP8 K/V converted to fp16, fp16 dots, plain Triton conversions (``fp8_ptx_cvt=False``).
+* ``fp8-new``: fp16 dots, the value tile converted by inline PTX before its layout change (the default).
+
+Check: each variant against ``paged_attention_reference`` on the same cache (mixed prefill/decode rows,
+window + softcap + sinks, forced splits, bf16 queries of size ~2^17 for the fp16 path). Timing: 8B heads
+(32 q / 8 KV heads, head_dim 128, block 16), batch 16/64/256 x context 512/2048/8192, one query token per
+row, `triton.testing.do_bench` medians (L2 flushed). GB/s counts the K/V bytes actually read: 2 bytes
+per element for bf16; 1 byte per element plus the 4-byte scale per token and KV head for FP8. The sweep
+times the FP8 kernel with other tiles / warps / stages (and split counts at batch 16) while ``--budget``
+seconds last. The table comes last.
+
+``--smoke`` runs the same code on the CPU under the Triton interpreter with tiny shapes and fp16 queries
+(a test of the script, not of speed: the interpreter's bf16 dots are wrong, so bf16 variants FAIL there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # before triton is imported
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+from triton.testing import do_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hf_paged.kernels import kv_write as kvw  # noqa: E402  (after the sys.path insert)
+from hf_paged.kernels import paged_attention as pa  # noqa: E402
+
+DEVICE, DTYPE = "cuda", torch.bfloat16
+HQ, HKV, D, BS = 32, 8, 128, 16
+SCALE = D**-0.5
+BATCHES = (16, 64, 256)
+CONTEXTS = (512, 2048, 8192)
+# name -> _Config overrides on top of the heuristic config
+VARIANTS = {
+    "bf16": {},
+    "fp8-old": dict(fp8_f16_dot=False),
+    "fp8-f16": dict(fp8_ptx_cvt=False),
+    "fp8-new": {},
+}
+SWEEP = [(64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 8, 3), (32, 4, 2), (32, 4, 3), (64, 2, 2)]
+SWEEP_SPLITS_B16 = (2, 8, 16)  # the heuristic picks 4 at batch 16
+CHECK_TOL = 1e-2  # relative Frobenius error against the fp32 reference on the same cache (bf16 outputs)
+
+
+def bench(fn, quick=False) -> float:
+    """Median milliseconds."""
+    if DEVICE == "cpu":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median")
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+def make_problem(rows, gen, q_gain=1.0):
+    """rows = [(seq_len, num_q)]: a bf16 pool with scattered blocks, its FP8 copy, queries, metadata."""
+    per_row = [max(1, math.ceil(s / BS)) for s, _ in rows]
+    width = max(per_row)
+    num_blocks = sum(per_row) + 1
+    pool = torch.randn(2, num_blocks, BS, HKV, D, device=DEVICE, generator=gen).to(DTYPE)
+    perm = torch.randperm(num_blocks, device=DEVICE, generator=gen)
+    tables = torch.zeros(len(rows), width, dtype=torch.int32, device=DEVICE)
+    at = 0
+    for r, n in enumerate(per_row):
+        tables[r, :n] = perm[at : at + n].to(torch.int32)
+        at += n
+    num_tokens = sum(q for _, q in rows)
+    query = (torch.randn(num_tokens, HQ, D, device=DEVICE, generator=gen) * q_gain).to(DTYPE)
+    seq_lens = torch.tensor([s for s, _ in rows], dtype=torch.int32, device=DEVICE)
+    qsl = torch.tensor([0] + [q for _, q in rows], device=DEVICE).cumsum(0).to(torch.int32)
+    k8, ks = kvw.quantize_fp8_reference(pool[0])
+    v8, vs = kvw.quantize_fp8_reference(pool[1])
+    return dict(query=query, bf16=(pool[0], pool[1]), fp8=(k8, v8, ks, vs), meta=(tables, seq_lens, qsl),
+                max_q=max(1, max(q for _, q in rows)))
+
+
+def launch(name, prob, out, cfg, features):
+    """One variant through the internal launcher (no asserts, explicit config)."""
+    cfg = pa._Config(cfg.block_m, cfg.tile, cfg.num_warps, cfg.num_stages, cfg.num_splits, cfg.heads_first,
+                     **VARIANTS.get(name, {}))
+    tables, seq_lens, qsl = prob["meta"]
+    window, softcap, sinks = features
+    if name == "bf16":
+        k, v = prob["bf16"]
+        ks = vs = None
+    else:
+        k, v, ks, vs = prob["fp8"]
+    pa._launch(prob["query"], k, v, tables, seq_lens, qsl, prob["max_q"], SCALE, window, softcap, sinks, out, cfg,
+               ks, vs)
+
+
+def heuristic(prob, num_kv_splits=None):
+    tables, seq_lens, _ = prob["meta"]
+    q = prob["query"]
+    return pa._choose_config(q.shape[0], seq_lens.shape[0], prob["max_q"], HKV, HQ // HKV, D, q.element_size(),
+                             tables.shape[1] * BS, pa._num_sms(q.device), num_kv_splits)
+
+
+def check(gen) -> list[dict]:
+    """Every variant against the reference on the same cache; returns one row per case."""
+    mixed = [(1000, 1), (2049, 1), (513, 200), (300, 300), (7, 0), (5, 20), (4096, 1), (17, 1), (256, 64)]
+    decode = [(1, 1), (16, 1), (17, 1), (255, 1), (257, 1), (1024, 1), (4097, 1), (3000, 1)]
+    if DEVICE == "cpu":
+        mixed, decode = [(40, 7), (17, 1), (5, 0), (3, 6)], [(1, 1), (17, 1), (70, 1)]
+    sinks = torch.randn(HQ, device=DEVICE, generator=gen)
+    cases = [("mixed", mixed, (None, None, None), None, 1.0), ("mixed+window+softcap+sinks", mixed, (100, 30.0, sinks), 3, 1.0),
+             ("decode", decode, (None, None, None), None, 1.0), ("decode split 5", decode, (None, None, None), 5, 1.0),
+             ("decode q~2^17", decode, (None, None, None), None, 2.0**17 if DTYPE == torch.bfloat16 else 2.0**10)]
+    results = []
+    for label, rows, features, splits, gain in cases:
+        prob = make_problem(rows, gen, q_gain=gain)
+        scale = SCALE / gain
+        tables, seq_lens, qsl = prob["meta"]
+        n = int(qsl[-1])
+        window, softcap, sink = features
+        kw = dict(sliding_window=window, softcap=softcap, sinks=sink)
+        ref_fp8 = pa.paged_attention_reference(prob["query"], *prob["fp8"][:2], tables, seq_lens, qsl, prob["max_q"],
+                                               scale=scale, k_scale=prob["fp8"][2], v_scale=prob["fp8"][3], **kw)
+        ref_bf16 = pa.paged_attention_reference(prob["query"], *prob["bf16"], tables, seq_lens, qsl, prob["max_q"],
+                                                scale=scale, **kw)
+        for name in VARIANTS:
+            out = torch.full_like(prob["query"], float("nan"))
+            cfg = heuristic(prob, splits)
+            tables_, seq_lens_, qsl_ = prob["meta"]
+            k, v, ks, vs = (*prob["bf16"], None, None) if name == "bf16" else prob["fp8"]
+            c = pa._Config(cfg.block_m, cfg.tile, cfg.num_warps, cfg.num_stages, cfg.num_splits, cfg.heads_first,
+                           **VARIANTS[name])
+            try:
+                pa._launch(prob["query"], k, v, tables_, seq_lens_, qsl_, prob["max_q"], scale, window, softcap, sink,
+                           out, c, ks, vs)
+                ref = ref_bf16 if name == "bf16" else ref_fp8
+                err = rel_err(out[:n], ref[:n]) if torch.isfinite(out[:n]).all() else float("inf")
+                msg = ""
+            except Exception as exc:  # report, keep checking the others
+                err, msg = float("inf"), f"{type(exc).__name__}: {str(exc)[:200]}"
+            ok = err < CHECK_TOL
+            results.append(dict(case=label, variant=name, err=err, ok=ok, error=msg))
+            print(f"check {label:30s} {name:8s} rel err {err:.2e} {'ok' if ok else 'FAIL'} {msg}", flush=True)
+        fp8_cost = rel_err(ref_fp8[:n], ref_bf16[:n])
+        print(f"check {label:30s} (FP8 cache vs bf16 cache, both references: rel diff {fp8_cost:.3f})", flush=True)
+        del prob
+    return results
+
+
+def timings(gen, deadline: float) -> tuple[list[dict], list[dict]]:
+    rows, sweeps = [], []
+    for batch in BATCHES:
+        for ctx in CONTEXTS:
+            prob = make_problem([(ctx, 1)] * batch, gen)
+            out = torch.empty_like(prob["query"])
+            cfg = heuristic(prob)
+            bf16_bytes = 2 * batch * ctx * HKV * D * 2
+            fp8_bytes = 2 * batch * ctx * HKV * (D + 4)
+            row = dict(batch=batch, ctx=ctx, splits=cfg.num_splits, tile=cfg.tile, warps=cfg.num_warps,
+                       stages=cfg.num_stages)
+            ref = None
+            for name in VARIANTS:
+                fn = lambda name=name: launch(name, prob, out, cfg, (None, None, None))  # noqa: E731
+                fn()
+                if name == "fp8-old":
+                    ref = out.clone()
+                elif name.startswith("fp8") and ref is not None:
+                    row[f"{name}_vs_old"] = rel_err(out, ref)
+                ms = bench(fn)
+                nbytes = bf16_bytes if name == "bf16" else fp8_bytes
+                row[f"{name}_us"] = ms * 1e3
+                row[f"{name}_gbs"] = nbytes / ms / 1e6
+            for name in ("fp8-old", "fp8-f16", "fp8-new"):
+                row[f"{name}_ratio"] = row[f"{name}_us"] / row["bf16_us"]
+            best = (row["fp8-new_us"], f"heuristic t{cfg.tile} w{cfg.num_warps} s{cfg.num_stages} x{cfg.num_splits}")
+            candidates = [pa._Config(cfg.block_m, t, w, s, cfg.num_splits) for t, w, s in SWEEP]
+            if batch == 16:
+                candidates += [pa._Config(cfg.block_m, cfg.tile, cfg.num_warps, cfg.num_stages, sp) for sp in SWEEP_SPLITS_B16]
+            for c in candidates:
+                if time.time() > deadline:
+                    break
+                fn = lambda c=c: launch("fp8-new", prob, out, c, (None, None, None))  # noqa: E731
+                try:
+                    fn()
+                    ms = bench(fn, quick=True)
+                except Exception as exc:  # a config that does not compile (registers, shared memory)
+                    print(f"   sweep {c}: failed {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                    continue
+                tag = f"t{c.tile} w{c.num_warps} s{c.num_stages} x{c.num_splits}"
+                sweeps.append(dict(batch=batch, ctx=ctx, config=tag, us=ms * 1e3, gbs=fp8_bytes / ms / 1e6))
+                if ms * 1e3 < best[0]:
+                    best = (ms * 1e3, tag)
+            row["best_us"], row["best_config"] = best
+            row["best_ratio"] = best[0] / row["bf16_us"]
+            rows.append(row)
+            print(f"B={batch:4d} ctx={ctx:5d}: bf16 {row['bf16_us']:8.1f} us {row['bf16_gbs']:6.0f} GB/s | "
+                  + " | ".join(f"{n} {row[n + '_us']:8.1f} us {row[n + '_gbs']:6.0f} GB/s x{row[n + '_ratio']:.2f}"
+                               for n in ("fp8-old", "fp8-f16", "fp8-new"))
+                  + f" | best {best[0]:.1f} us ({best[1]})", flush=True)
+            del prob, out
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+    return rows, sweeps
+
+
+def render(rows) -> str:
+    head = (f"{'batch':>5s} {'ctx':>5s} {'bf16 us':>8s} {'GB/s':>5s} | {'old us':>8s} {'GB/s':>5s} {'/bf16':>5s} | "
+            f"{'f16 us':>8s} {'/bf16':>5s} | {'new us':>8s} {'GB/s':>5s} {'/bf16':>5s} | {'best us':>8s} {'/bf16':>5s} config")
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['batch']:5d} {r['ctx']:5d} {r['bf16_us']:8.1f} {r['bf16_gbs']:5.0f} | {r['fp8-old_us']:8.1f} "
+                     f"{r['fp8-old_gbs']:5.0f} {r['fp8-old_ratio']:5.2f} | {r['fp8-f16_us']:8.1f} {r['fp8-f16_ratio']:5.2f} | "
+                     f"{r['fp8-new_us']:8.1f} {r['fp8-new_gbs']:5.0f} {r['fp8-new_ratio']:5.2f} | {r['best_us']:8.1f} "
+                     f"{r['best_ratio']:5.2f} {r['best_config']}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None, help="write checks, rows and sweep as JSON here")
+    p.add_argument("--budget", type=float, default=170.0, help="seconds after which the sweep stops")
+    p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes: tests the script")
+    args = p.parse_args()
+    global DEVICE, DTYPE, BATCHES, CONTEXTS, SWEEP, SWEEP_SPLITS_B16
+    if args.smoke:
+        DEVICE, DTYPE, BATCHES, CONTEXTS, SWEEP, SWEEP_SPLITS_B16 = "cpu", torch.float16, (16,), (64,), SWEEP[:1], (2,)
+    elif not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        p.error("needs a CUDA GPU with float8 e4m3 (compute capability 8.9+)")
+    t0 = time.time()
+    print(f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, torch {torch.__version__}", flush=True)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    checks = check(gen)
+    rows, sweeps = timings(gen, t0 + args.budget)
+    failed = [c for c in checks if not c["ok"]]
+    print(f"total {time.time() - t0:.0f} s; checks: {len(checks) - len(failed)} ok, {len(failed)} FAILED "
+          + ", ".join(f"{c['case']}/{c['variant']}" for c in failed), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(checks=checks, rows=rows, sweep=sweeps), indent=1))
+    print(render(rows))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
