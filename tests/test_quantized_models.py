@@ -1,9 +1,11 @@
 """Models quantized by transformers' own ``quantization_config`` run unchanged under ``enable()`` and
 ``ContinuousGenerator``: same greedy tokens as stock ``generate`` on the same quantized model.
 
-The configuration that runs on CPU: torchao int8 weight-only (``TorchAoConfig(Int8WeightOnlyConfig())``,
-weights stored as int8 tensor subclasses, dequantized inside each linear). torchao does not support
-float64, so these models run in float32.
+The configurations that run on CPU: torchao int8 weight-only (``TorchAoConfig(Int8WeightOnlyConfig())``)
+and float8 e4m3 weight-only (``TorchAoConfig(Float8WeightOnlyConfig())``), weights stored as int8 / float8
+tensor subclasses and dequantized inside each linear. (Float8 weights with dynamically quantized float8
+activations, the GPU configuration, need CUDA compute capability 8.9+.) torchao does not support float64,
+so these models run in float32.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 pytest.importorskip("torchao", reason="the test extra installs torchao")
-from torchao.quantization import Int8WeightOnlyConfig  # noqa: E402
+from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig  # noqa: E402
 from transformers import AutoModelForCausalLM, TorchAoConfig  # noqa: E402
 
 import hf_paged  # noqa: E402
@@ -20,36 +22,44 @@ from models import VOCAB, left_padded_batch, make_model  # noqa: E402
 
 NEW = 10
 LENGTHS = [4, 13, 7, 21]
+# weight format -> (torchao config factory, tensor subclass name, stored dtype)
+WEIGHTS = {
+    "int8": (Int8WeightOnlyConfig, "Int8Tensor", torch.int8),
+    "float8": (Float8WeightOnlyConfig, "Float8Tensor", torch.float8_e4m3fn),
+}
 
 
-def quantized_model_and_refs(name: str, tmp_dir: str):
-    """A tiny model saved as a checkpoint, loaded back int8-quantized, and stock greedy continuations
-    of each prompt run alone on that quantized model."""
+def quantized_model_and_refs(name: str, weights: str, tmp_dir: str):
+    """A tiny model saved as a checkpoint, loaded back quantized, and stock greedy continuations of each
+    prompt run alone on that quantized model."""
     make_model(name, dtype=torch.float32, head_dim=32).save_pretrained(tmp_dir)
+    config = TorchAoConfig(WEIGHTS[weights][0]())
     model = AutoModelForCausalLM.from_pretrained(
-        tmp_dir, dtype=torch.float32, device_map="cpu", quantization_config=TorchAoConfig(Int8WeightOnlyConfig())
+        tmp_dir, dtype=torch.float32, device_map="cpu", quantization_config=config
     ).eval()
     model.generation_config.pad_token_id = 0
     batch = left_padded_batch(LENGTHS, seed=2)
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     refs = [model.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False)[0, len(p) :].tolist() for p in prompts]
-    return model, batch, prompts, refs
+    return model, batch, prompts, refs, weights
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=[("llama", "int8"), ("qwen2", "int8"), ("llama", "float8")], ids="-".join)
 def quantized(request, tmp_path_factory):
-    return quantized_model_and_refs(request.param, str(tmp_path_factory.mktemp(request.param)))
+    name, weights = request.param
+    return quantized_model_and_refs(name, weights, str(tmp_path_factory.mktemp(name)))
 
 
 def test_weights_are_quantized(quantized):
-    model, *_ = quantized
+    model, *_, weights = quantized
     assert model.is_quantized
     weight = model.model.layers[0].mlp.up_proj.weight
-    assert type(weight).__name__ == "Int8Tensor" and weight.qdata.dtype == torch.int8
+    _, cls_name, stored = WEIGHTS[weights]
+    assert type(weight).__name__ == cls_name and weight.qdata.dtype == stored
 
 
 def test_enable_generate_matches_stock_on_quantized_model(quantized):
-    model, batch, _, refs = quantized
+    model, batch, _, refs, _ = quantized
     hf_paged.enable(model, num_blocks=32)
     try:
         out = model.generate(**batch, max_new_tokens=NEW, do_sample=False)
@@ -60,7 +70,7 @@ def test_enable_generate_matches_stock_on_quantized_model(quantized):
 
 
 def test_continuous_generator_matches_stock_on_quantized_model(quantized):
-    model, _, prompts, refs = quantized
+    model, _, prompts, refs, _ = quantized
     gen = hf_paged.ContinuousGenerator(model, num_blocks=32, progress=False)
     results = gen.generate(prompts, hf_paged.SamplingParams(max_new_tokens=NEW, temperature=0))
     assert [r.token_ids for r in results] == refs
