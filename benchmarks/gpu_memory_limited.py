@@ -12,16 +12,24 @@ EOS ignored, and fits in about six minutes on an H200. Sections (each skipped wi
 * ``kernel``: decode attention alone (32 q / 8 KV heads, head_dim 128, block 16) on bf16 and on FP8
   caches: median time and bytes read per second (FP8 reads 1 byte per element plus a 4-byte scale per
   token and KV head), as ``benchmarks/gpu_kernels.py`` measures it.
-* ``weights``: bf16 weights against transformers' ``FineGrainedFP8Config`` (FP8 e4m3 weights with
-  128x128 block scales, activations quantized per token group), loaded through ``from_pretrained`` with
-  the bf16 weights as its state dict: weight memory and throughput on the same roomy pool.
+* ``weights``: bf16 weights against FP8 e4m3 weights loaded through transformers' own quantization
+  config, ``TorchAoConfig`` with torchao's ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``
+  (one scale per output channel, activations quantized per token at run time, ``torch._scaled_mm``;
+  ``--fp8-weights weight-only`` picks ``Float8WeightOnlyConfig`` instead), loaded by ``from_pretrained``
+  from the bf16 weights: weight memory, throughput on the same roomy pool, and how far the greedy tokens
+  of the two models agree (random weights have near-ties everywhere, so this understates a trained model's
+  agreement). ``FineGrainedFP8Config`` is not used: transformers fetches its matmul from the Hugging Face
+  ``kernels`` package at load time, which needs a download.
 * ``swap``: a pool too small for the batch (``--swap-pool-gib``): ``preemption_mode="recompute"``
   against ``"swap"`` (``--swap-space-gb`` of pinned host memory): throughput, preemptions, recomputed
   tokens, blocks swapped out and in.
 
 The last thing printed is a short table of every row; ``--out`` also writes the rows as JSON.
-``--model tiny --device cpu`` runs the same code on a small model without a GPU (a smoke test; FP8
-weights need CUDA and are skipped there).
+``--model tiny --device cpu`` runs the same code on a small model without a GPU (a smoke test; there the
+FP8 weights are weight-only).
+
+FP8 weights need torchao (0.18 for torch 2.11); with a wheel and no network:
+``pip install -q --no-index --no-deps --target /tmp/ao torchao-*.whl`` and ``PYTHONPATH=/tmp/ao:.``.
 """
 
 from __future__ import annotations
@@ -68,7 +76,7 @@ def pool_blocks(model, gib: float, kv_cache_dtype: str, block_size: int = 16) ->
     return max(1, int(gib * 2**30) // layout.bytes_per_block(block_size, kv_cache_dtype))
 
 
-def run(model, prompts, new_tokens, device, label, **options) -> dict:
+def run(model, prompts, new_tokens, device, label, keep_tokens=False, **options) -> dict:
     """One timed ContinuousGenerator run after a warm-up; counts the sequences running after every step."""
     gen = ContinuousGenerator(model, progress=False, **options)
     warm = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
@@ -101,6 +109,8 @@ def run(model, prompts, new_tokens, device, label, **options) -> dict:
         recomputed_tokens=stats.recomputed_tokens, swapped_out_blocks=stats.swapped_out_blocks,
         swapped_in_blocks=stats.swapped_in_blocks, options={k: v for k, v in options.items()},
     )
+    if keep_tokens:
+        row["tokens"] = [list(r.token_ids) for r in results]
     print(f"  {label:28s} {row['out_tok_s']:9.0f} out tok/s  {wall:6.1f} s  blocks {row['kv_blocks']:6d} "
           f"({row['kv_gib']:.2f} GiB)  running peak {row['peak_running']:4d} mean {row['mean_running']:6.1f}  "
           f"preempt {row['preemptions']:4d} recomputed {row['recomputed_tokens']:7d} "
@@ -130,46 +140,84 @@ def section_swap(model, args, rows):
                         preemption_mode=mode, swap_space_gb=args.swap_space_gb, max_num_seqs=args.max_num_seqs))
 
 
-def section_weights(model, args, rows):
-    if not args.device.startswith("cuda"):
-        print("[weights] skipped: FP8 weights need CUDA", flush=True)
-        return
+def fp8_weights_config(kind: str):
+    """transformers' ``TorchAoConfig`` around torchao's float8 config: ``dynamic`` (FP8 weights per output
+    channel and FP8 activations per token, GPUs of compute capability 8.9+) or ``weight-only``."""
     import transformers
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
 
-    print("[weights] bf16 weights vs FineGrainedFP8Config weights, same pool", flush=True)
+    if kind == "dynamic":
+        return transformers.TorchAoConfig(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    return transformers.TorchAoConfig(Float8WeightOnlyConfig())
+
+
+def load_quantized(model, quantization_config, device: str):
+    """``from_pretrained`` of ``model``'s own weights with a quantization config (transformers' loading
+    path: the weights are quantized as they are loaded)."""
+    load = dict(dtype=model.dtype, device_map=device, quantization_config=quantization_config)
+    try:
+        return type(model).from_pretrained(None, config=copy.deepcopy(model.config), state_dict=model.state_dict(), **load)
+    except (TypeError, ValueError, OSError, AttributeError) as e:  # no state_dict path: a checkpoint on disk
+        print(f"  from_pretrained(state_dict=...) failed ({type(e).__name__}: {str(e)[:120]}); saving a checkpoint",
+              flush=True)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            return type(model).from_pretrained(folder, **load)
+
+
+def token_agreement(a: list[list[int]], b: list[list[int]], first: int = 16) -> dict:
+    """Per prompt, the greedy tokens of two runs: same first ``first`` tokens, and common prefix length."""
+    prefix = []
+    for x, y in zip(a, b):
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        prefix.append(n)
+    return dict(first=first, same_first=sum(p >= first for p in prefix) / len(prefix),
+                mean_common_prefix=sum(prefix) / len(prefix), first_token_same=sum(p >= 1 for p in prefix) / len(prefix))
+
+
+def section_weights(model, args, rows):
+    on_cuda = args.device.startswith("cuda")
+    kind = args.fp8_weights
+    if kind == "dynamic" and (not on_cuda or torch.cuda.get_device_capability() < (8, 9)):
+        print("[weights] FP8 activations need CUDA compute capability 8.9+: weight-only FP8 instead", flush=True)
+        kind = "weight-only"
+    print(f"[weights] bf16 weights vs FP8 weights (TorchAoConfig, {kind}), same pool", flush=True)
     prompts = Workload(args.weights_prompts, args.min_len, args.max_len, args.weights_new_tokens, seed=2).prompts(
         model.config.vocab_size)
     blocks = pool_blocks(model, args.weights_pool_gib, "auto")
     bf16_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    row = run(model, prompts, args.weights_new_tokens, args.device, "weights:bf16", num_blocks=blocks,
-              max_num_seqs=args.max_num_seqs)
-    row["weights_gib"] = bf16_gib
-    rows.append(row)
+    base = run(model, prompts, args.weights_new_tokens, args.device, f"weights:{str(model.dtype)[6:]}", keep_tokens=True,
+               num_blocks=blocks, max_num_seqs=args.max_num_seqs)
+    base["weights_gib"] = bf16_gib
+    rows.append(base)
     free_memory(args.device)
-    before = torch.cuda.memory_allocated()
+    before = torch.cuda.memory_allocated() if on_cuda else 0
     t0 = time.perf_counter()
-    # transformers' own loading path: the bf16 weights, quantized to FP8 blocks as they are loaded.
-    load = dict(dtype=torch.bfloat16, device_map=args.device, quantization_config=transformers.FineGrainedFP8Config())
-    try:
-        fp8 = type(model).from_pretrained(None, config=copy.deepcopy(model.config), state_dict=model.state_dict(), **load)
-    except (TypeError, ValueError, OSError) as e:  # a transformers without the state_dict path: a checkpoint on disk
-        print(f"  from_pretrained(state_dict=...) failed ({type(e).__name__}: {str(e)[:120]}); saving a checkpoint", flush=True)
-        with tempfile.TemporaryDirectory() as folder:
-            model.save_pretrained(folder)
-            fp8 = type(model).from_pretrained(folder, **load)
-    fp8.eval()
+    fp8 = load_quantized(model, fp8_weights_config(kind), args.device).eval()
     load_s = time.perf_counter() - t0
-    fp8_gib = (torch.cuda.memory_allocated() - before) / 2**30
+    linear = fp8.model.layers[0].mlp.down_proj
+    weight = linear.weight
+    stored = getattr(weight, "qdata", weight)
+    if on_cuda:
+        fp8_gib = (torch.cuda.memory_allocated() - before) / 2**30
+    else:  # the FP8 linears' payloads plus everything else in the model's own dtype
+        fp8_gib = sum(getattr(p, "qdata", p).numel() * getattr(p, "qdata", p).element_size() for p in fp8.parameters()) / 2**30
     fp8.generation_config.eos_token_id = None
     fp8.generation_config.pad_token_id = 0
-    linear = fp8.model.layers[0].mlp.down_proj
-    print(f"  FP8 model loaded in {load_s:.1f} s: {type(linear).__name__} weight {linear.weight.dtype}, "
-          f"{fp8_gib:.2f} GiB on the GPU vs {bf16_gib:.2f} GiB bf16", flush=True)
-    row = run(fp8, prompts, args.weights_new_tokens, args.device, "weights:fp8 (FineGrainedFP8)", num_blocks=blocks,
-              max_num_seqs=args.max_num_seqs)
-    row["weights_gib"] = fp8_gib
-    row["load_s"] = load_s
+    print(f"  FP8 model loaded in {load_s:.1f} s: down_proj weight {type(weight).__name__} storing {stored.dtype}, "
+          f"{fp8_gib:.2f} GiB vs {bf16_gib:.2f} GiB", flush=True)
+    row = run(fp8, prompts, args.weights_new_tokens, args.device, f"weights:fp8 ({kind})", keep_tokens=True,
+              num_blocks=blocks, max_num_seqs=args.max_num_seqs)
+    row.update(weights_gib=fp8_gib, load_s=load_s, weight_class=type(weight).__name__, stored_dtype=str(stored.dtype),
+               speedup_vs_bf16=row["out_tok_s"] / base["out_tok_s"],
+               agreement=token_agreement(base["tokens"], row["tokens"]))
+    print(f"  FP8 / bf16 throughput x{row['speedup_vs_bf16']:.2f}; greedy tokens: first token same in "
+          f"{row['agreement']['first_token_same']:.0%} of prompts, first 16 same in {row['agreement']['same_first']:.0%}, "
+          f"mean common prefix {row['agreement']['mean_common_prefix']:.1f} of {args.weights_new_tokens}", flush=True)
     rows.append(row)
+    del base["tokens"], row["tokens"]
     del fp8
     free_memory(args.device)
 
@@ -253,6 +301,8 @@ def main() -> int:
     p.add_argument("--weights-pool-gib", type=float, default=16.0)
     p.add_argument("--weights-prompts", type=int, default=128)
     p.add_argument("--weights-new-tokens", type=int, default=128)
+    p.add_argument("--fp8-weights", default="dynamic", choices=("dynamic", "weight-only"),
+                   help="torchao float8 config: FP8 weights and activations (dynamic) or FP8 weights only")
     # swap: long prompts into a small pool
     p.add_argument("--swap-pool-gib", type=float, default=2.0)
     p.add_argument("--swap-prompts", type=int, default=96)
