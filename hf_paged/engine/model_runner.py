@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx.experimental._config  # use_duck_shape, patched for compiled forwards
 
 from ..integration.attention import CACHE_KWARG, active_cache, implementation_switch
 from ..integration.cache import PagedCache
 from ..integration.tensor_parallel import kv_heads_per_rank
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs
 from .fusion import ElementwiseFusion
 from ..memory.kv_pool import KVLayout, KVPool
 from ..memory.metadata import StepMetadata, build_step_metadata
@@ -158,6 +159,11 @@ class ModelRunner:
         self.compile_mode = compile
         self.compile_backend = compile_backend
         self._compiled_model: Any = None  # built on the first compiled step
+        if compile != "off":
+            # The pool's shape never changes: static sizes keep its views' offsets constants in the graph.
+            for t in (pool.kv, pool.scales):
+                if t is not None:
+                    torch._dynamo.mark_static(t)
         # Wall time of the steps that compiled (Dynamo traced a new shape class): startup cost, reported.
         self.compile_seconds = 0.0
 
@@ -171,8 +177,13 @@ class ModelRunner:
         blocks = -(-max_seq_len // self.pool.block_size)
         width = 1 << max(0, blocks - 1).bit_length()  # a power of two: few distinct widths, few recaptures
         if self.graphs is None or self.graphs.width < width:
-            forward = functools.partial(self.forward, compiled=self.compile_mode != "off")
-            self.graphs = DecodeGraphs(forward, self.pool, width, self.max_num_seqs)
+            if self.compile_mode == "off":
+                self.graphs = DecodeGraphs(self.forward, self.pool, width, self.max_num_seqs)
+            else:
+                # Batches and tables of >= 2 (a batch of one replays the bucket of two): one compiled graph.
+                forward = functools.partial(self.forward, compiled=True)
+                buckets = tuple(b for b in DEFAULT_BUCKETS if b >= 2)
+                self.graphs = DecodeGraphs(forward, self.pool, max(2, width), max(2, self.max_num_seqs), buckets)
             if self._layout_checked:  # capture needs a forward that already checked the layout
                 self.graphs.capture_all()
 
@@ -202,31 +213,43 @@ class ModelRunner:
             if logits is not None:
                 return logits
         query_lens, seq_lens = step.query_lens, step.seq_lens
+        input_ids, block_tables, samples = step.input_ids, step.block_tables, step.samples
+        if not self._layout_checked:
+            compiled = False  # the layout check wraps cache.update for one eager forward
+        else:
+            decode = max(query_lens, default=0) == 1
+            compiled = self.compile_mode == "all" or (self.compile_mode == "decode" and decode)
+        if compiled:
+            # One padding row (a token at position -1: no K/V slot, attends to nothing) with a two-block
+            # table: rows, tokens and table width are then all >= 2, so the dynamic-shape graph compiled
+            # for the first step serves every later one (a size of 1 would specialize into a new graph).
+            query_lens, seq_lens = [*query_lens, 1], [*seq_lens, 0]
+            input_ids, block_tables, samples = [*input_ids, 0], [*block_tables, [0, 0]], [*samples, False]
         # position of packed token t of row b = context_len[b] + (t - query_start[b])
         q = torch.tensor(query_lens, dtype=torch.int64)
         ends = torch.cumsum(q, 0)
         starts = ends - q
         context = torch.tensor(seq_lens, dtype=torch.int64) - q
         row = torch.repeat_interleave(torch.arange(len(query_lens)), q)
-        positions = context[row] + torch.arange(len(step.input_ids)) - starts[row]
+        positions = (context[row] + torch.arange(len(input_ids)) - starts[row]).clamp(min=0)  # padding: -1 -> 0
 
-        host = torch.stack([torch.tensor(step.input_ids, dtype=torch.int64), positions])  # [2, T] int64: one copy
-        keep_host = (ends - 1)[torch.tensor(step.samples, dtype=torch.bool)]  # each sampling row's last token
+        host = torch.stack([torch.tensor(input_ids, dtype=torch.int64), positions])  # [2, T] int64: one copy
+        keep_host = (ends - 1)[torch.tensor(samples, dtype=torch.bool)]  # each sampling row's last token
         if step.extra_logit_rows:
             keep_host = torch.cat([keep_host, torch.tensor(step.extra_logit_rows, dtype=torch.int64)])
+        num_kept = len(keep_host)
+        if compiled and num_kept < 2:  # at least two kept rows (the padding token's), cut off below
+            keep_host = torch.cat([keep_host, torch.full((2 - num_kept,), len(input_ids) - 1, dtype=torch.int64)])
         if self.device.type == "cuda":
             host, keep_host = host.pin_memory(), keep_host.pin_memory()
         dev = host.to(self.device, non_blocking=True)
         logits_to_keep = keep_host.to(self.device, non_blocking=True)
 
-        step_metadata = build_step_metadata(query_lens, seq_lens, step.block_tables, self.pool.block_size, self.device)
+        step_metadata = build_step_metadata(query_lens, seq_lens, block_tables, self.pool.block_size, self.device)
         if not self._layout_checked:
             self._check_layout_on_first_update()
-            compiled = False  # the layout check wraps cache.update for one eager forward
-        else:
-            decode = step_metadata.max_query_len == 1
-            compiled = self.compile_mode == "all" or (self.compile_mode == "decode" and decode)
-        return self.forward(dev[0:1], dev[1:2], step_metadata, logits_to_keep, compiled=compiled)
+        logits = self.forward(dev[0:1], dev[1:2], step_metadata, logits_to_keep, compiled=compiled)
+        return logits[:num_kept] if compiled else logits
 
     def capture_graphs(self) -> None:
         """Capture every decode-graph bucket now (a startup cost) instead of each on its first use."""
@@ -253,12 +276,16 @@ class ModelRunner:
         """
         self.cache.set_step(step)
         model, extra = self.model, {}
+        shapes: Any = contextlib.nullcontext()
         if compiled:
             model = self._compiled()
             extra = {CACHE_KWARG: self.cache}  # the ContextVar below is invisible to Dynamo
             frames = _compile_frames()
             start = time.perf_counter()
-        with torch.inference_mode(), self.switch, self.fusion, active_cache(self.cache):
+            # No "duck" sizing: sizes that happen to be equal when a graph is traced (a decode step's
+            # rows, tokens and kept logits) must not become one symbol, which a prompt step would break.
+            shapes = torch.fx.experimental._config.patch(use_duck_shape=False)
+        with torch.inference_mode(), self.switch, self.fusion, active_cache(self.cache), shapes:
             out = model(
                 input_ids=input_ids,
                 position_ids=position_ids,

@@ -1,0 +1,221 @@
+"""Compiled decoder layers (``ContinuousGenerator(compile=...)``) against the eager engine, one GPU, one process.
+
+    python benchmarks/gpu_compile.py                      # llama-8b shape, bf16: about 4-5 min on one H200
+    python benchmarks/gpu_compile.py --shape llama-1b     # the 1B shape (512 prompts, as its RESULTS row)
+    python benchmarks/gpu_compile.py --shape tiny --num-prompts 8 --max-len 64 --new-tokens 8   # CPU smoke test
+
+Modes: "off" (eager forward, decode CUDA graphs), "all" (every step runs ``torch.compile`` of the model;
+the decode graphs capture the compiled forward), "decode" (prompt steps eager, decode graphs compiled).
+
+Phases (each logged as it ends; a table comes last):
+1. parity: a small float32 Llama (head_dim 64, the Triton kernels' path) with random weights, 16 prompts
+   x 32 new tokens, greedy: how many prompts get the eager engine's exact tokens in each compiled mode,
+   and the largest logprob difference of the chosen tokens;
+2. per mode on the big shape (random weights, bf16): warm-up (64 prompts x 8 new, where the compiled
+   modes compile), capture of every decode graph, then the throughput workload (``--num-prompts``
+   prompts U[64,1024] -> 256 new, greedy, EOS ignored) and a single stream (one 512-token prompt ->
+   256 new: TPOT); compile seconds (the calls that compiled), capture seconds, Dynamo graph breaks and
+   graphs compiled. The modes run in the order given; later compiled modes reuse what the first one
+   compiled (same model), so its compile time is the one to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+from hf_paged import ContinuousGenerator, SamplingParams
+from hf_paged.entrypoints.bench import SHAPES, Workload, build_model
+
+PARITY_SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=64, vocab_size=4096, tie_word_embeddings=False)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def dynamo_counts() -> tuple[int, int]:
+    counters = torch._dynamo.utils.counters
+    return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+
+
+def parity(device: str, modes: list[str]) -> dict:
+    """Phase 1: float32 small Llama, eager engine vs each compiled mode (decode graphs on where CUDA)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**PARITY_SHAPE, max_position_embeddings=2048)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(config).float().eval()
+    model.generation_config.eos_token_id = None
+    prompts = Workload(16, 8, 200, 32, seed=3).prompts(config.vocab_size)
+    params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True, logprobs=1)
+    outs = {}
+    for mode in ["off", *[m for m in modes if m != "off"]]:
+        with ContinuousGenerator(model, progress=False, num_blocks=512, max_num_seqs=16, compile=mode) as gen:
+            outs[mode] = gen.generate(prompts, params)
+    row = {}
+    for mode, results in outs.items():
+        if mode == "off":
+            continue
+        same = sum(a.token_ids == b.token_ids for a, b in zip(results, outs["off"]))
+        diff = max(abs(x.logprob - y.logprob) for a, b in zip(results, outs["off"]) for x, y in zip(a.logprobs, b.logprobs))
+        row[mode] = {"same": f"{same}/{len(prompts)}", "max_logprob_diff": diff}
+        log(f"parity fp32 {mode}: {same}/{len(prompts)} prompts token-identical to eager, max |d logprob| {diff:.2e}")
+    return row
+
+
+def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device: str, max_num_seqs: int) -> dict:
+    """Phase 2 for one mode: warm-up (compiles), graph capture, throughput, single stream."""
+    greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    warm = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    breaks0, graphs0 = dynamo_counts()
+    row: dict = {"mode": mode}
+    with ContinuousGenerator(model, progress=False, max_num_seqs=max_num_seqs, compile=mode) as gen:
+        t = time.perf_counter()
+        gen.generate(prompts[:64], warm)
+        gen.reset_prefix_cache()  # the timed run must not find the warm-up's prompts
+        gen.runner.prepare(max(map(len, prompts)) + new_tokens)
+        gen.runner.capture_graphs()  # every bucket now (compiled modes: the compiled forward), not mid-run
+        sync(device)
+        row["startup_s"] = time.perf_counter() - t
+        row["capture_s"] = gen.runner.graphs.capture_seconds if gen.runner.graphs else 0.0
+        t = time.perf_counter()
+        results = gen.generate(prompts, greedy)
+        sync(device)
+        wall = time.perf_counter() - t
+        out_tokens = sum(len(r.token_ids) for r in results)
+        tpot = [(r.latency_s - r.ttft_s) / (len(r.token_ids) - 1) for r in results if len(r.token_ids) > 1]
+        row.update(out_tok_s=out_tokens / wall, wall_s=wall, tpot_p50_ms=1e3 * statistics.median(tpot),
+                   preemptions=gen.stats.preemptions)
+        log(f"{mode}: {out_tokens / wall:,.0f} out tok/s ({wall:.1f} s, {len(prompts)} prompts), batch TPOT p50 "
+            f"{row['tpot_p50_ms']:.1f} ms, {gen.stats.preemptions} preemptions")
+        one = [(prompts[0] * (512 // len(prompts[0]) + 1))[:512]]  # a 512-token prompt
+        gen.generate(one, warm)
+        gen.reset_prefix_cache()
+        sync(device)
+        r = gen.generate(one, greedy)[0]
+        sync(device)
+        row["single_tpot_ms"] = 1e3 * (r.latency_s - r.ttft_s) / (len(r.token_ids) - 1)
+        row["single_ttft_ms"] = 1e3 * r.ttft_s
+        row["compile_s"] = gen.runner.compile_seconds
+        log(f"{mode}: single stream 512 -> {new_tokens}: TPOT {row['single_tpot_ms']:.2f} ms, TTFT "
+            f"{row['single_ttft_ms']:.1f} ms; compile {row['compile_s']:.0f} s, startup {row['startup_s']:.0f} s "
+            f"(capture {row['capture_s']:.0f} s)")
+    breaks1, graphs1 = dynamo_counts()
+    row["graph_breaks"], row["graphs_compiled"] = breaks1 - breaks0, graphs1 - graphs0
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
+    p.add_argument("--num-prompts", type=int, default=None, help="default: 256 (llama-8b), 512 (llama-1b), 8 (tiny)")
+    p.add_argument("--min-len", type=int, default=64)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--modes", default="off,all,decode", help="comma-separated subset of off,decode,all, run in order")
+    p.add_argument("--no-parity", action="store_true")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    modes = args.modes.split(",")
+    if not set(modes) <= {"off", "decode", "all"}:
+        p.error(f"--modes: unknown mode in {modes}")
+    num_prompts = args.num_prompts or {"llama-8b": 256, "llama-1b": 512}.get(args.shape, 8)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # a CPU smoke run without Triton
+        triton_version = "-"
+    env = {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+           "transformers": transformers.__version__, "triton": triton_version}
+    log(f"{env}")
+    report: dict = {"env": env, "shape": args.shape, "num_prompts": num_prompts}
+
+    if not args.no_parity:
+        try:
+            report["parity"] = parity(device, modes)
+        except Exception:  # keep going: the speed phases still say something
+            traceback.print_exc()
+            report["parity"] = {"error": traceback.format_exc(limit=3)}
+        torch._dynamo.reset()  # the big model compiles from scratch: its compile time is measured whole
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    t = time.perf_counter()
+    model = build_model(args.shape, device, dtype)
+    log(f"built {args.shape} ({dtype}) in {time.perf_counter() - t:.0f} s")
+    prompts = Workload(num_prompts, args.min_len, args.max_len, args.new_tokens).prompts(model.config.vocab_size)
+    rows = []
+    for mode in modes:
+        try:
+            rows.append(run_mode(model, mode, prompts, args.new_tokens, device, args.max_num_seqs))
+        except Exception:
+            traceback.print_exc()
+            rows.append({"mode": mode, "error": traceback.format_exc(limit=3).strip().splitlines()[-1]})
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    report["modes"] = rows
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    print(render(report, args, num_prompts), flush=True)
+    return 0
+
+
+def render(report: dict, args, num_prompts: int) -> str:
+    env = report["env"]
+    lines = [
+        f"\n{report['shape']} random weights, {num_prompts} prompts U[{args.min_len},{args.max_len}] -> {args.new_tokens} "
+        f"new, greedy; single stream 512 -> {args.new_tokens}; {env['gpu']}, torch {env['torch']}, transformers "
+        f"{env['transformers']}, triton {env['triton']}",
+        "| compile | out tok/s | x eager | batch TPOT p50 ms | single TPOT ms | single TTFT ms | compile s | startup s "
+        "(capture s) | graph breaks | graphs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = next((r for r in report["modes"] if r["mode"] == "off" and "error" not in r), None)
+    for r in report["modes"]:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | error: {r['error']} |")
+            continue
+        ratio = f"{r['out_tok_s'] / base['out_tok_s']:.3f}" if base else "-"
+        lines.append(
+            f"| {r['mode']} | {r['out_tok_s']:,.0f} | {ratio} | {r['tpot_p50_ms']:.2f} | {r['single_tpot_ms']:.2f} | "
+            f"{r['single_ttft_ms']:.1f} | {r['compile_s']:.0f} | {r['startup_s']:.0f} ({r['capture_s']:.0f}) | "
+            f"{r['graph_breaks']} | {r['graphs_compiled']} |"
+        )
+    par = report.get("parity")
+    if par:
+        if "error" in par:
+            lines.append(f"parity (fp32 small Llama): error {par['error'].strip().splitlines()[-1]}")
+        for mode, v in par.items():
+            if mode != "error":
+                lines.append(f"parity (fp32 small Llama, 16 prompts x 32 new) {mode}: {v['same']} token-identical to "
+                             f"eager, max |d logprob| {v['max_logprob_diff']:.2e}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
