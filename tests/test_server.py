@@ -442,7 +442,26 @@ def test_overload_429_while_accepted_requests_finish(guarded):
     assert all(r.json()["usage"]["completion_tokens"] == 8 for r in results)
 
 
+def child_processes(pid: int) -> dict[int, str]:
+    """pid -> command line of every live child of ``pid`` (Linux /proc)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+    return out
+
+
 def test_sigterm_finishes_in_flight_then_exits_0(guarded):
+    # The engine runs in a process of its own (serve's default); it must not outlive the server.
+    children = child_processes(guarded.proc.pid)
+    assert any("spawn_main" in cmd for cmd in children.values()), children
     auth = {"Authorization": f"Bearer {KEYS[0]}"}
     body = {"model": "guarded-model", "prompt": "drain", "max_tokens": 40, "ignore_eos": True, "temperature": 0,
             "stream": True}
@@ -457,6 +476,15 @@ def test_sigterm_finishes_in_flight_then_exits_0(guarded):
     assert guarded.proc.wait(timeout=TIMEOUT) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(guarded.url + "/health", timeout=5)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # exited, not reaped yet
+
+    wait_for(lambda: all(gone(pid) for pid in children), "the engine process to exit with the server", timeout=15)
 
 
 def test_load_generator(server, tmp_path, monkeypatch):
@@ -473,11 +501,13 @@ def test_load_generator(server, tmp_path, monkeypatch):
             "--goodput", "ttft:60000,tpot:60000", "--out", str(out), "--fail-on-error"]
     assert bench.main(argv) == 0
     record = json.loads(out.read_text())
-    for k, row in enumerate(record["rows"]):  # each rate sends its own prompts (seed + 7919 k)
-        _, lengths = bench.make_prompts(6, (8, 24), 7919 * k, str(ROOT / "hf_paged" / "default_model"), None)
+    for rate, row in zip((40.0, float("inf")), record["rows"]):  # each rate sends its own prompts
+        seed = bench.rate_prompt_seed(0, rate)
+        _, lengths = bench.make_prompts(6, (8, 24), seed, str(ROOT / "hf_paged" / "default_model"), None)
         assert (row["sent"], row["completed"], row["output_tokens"]) == (6, 6, 30)
         assert row["prompt_tokens"] == sum(lengths) + 6  # exact prompt lengths, plus each prompt's BOS
         assert row["goodput_req_per_s"] == pytest.approx(row["req_per_s"])
         assert 0 < row["ttft_p50_ms"] <= row["ttft_p99_ms"] and row["itl_p50_ms"] > 0
+    assert bench.rate_prompt_seed(0, float("inf")) == 0 != bench.rate_prompt_seed(0, 40.0)  # inf: --seed's prompts
     with pytest.raises(SystemExit, match="127.0.0.1"):
         bench.main(["run", "--base-url", "http://example.com:8000", "--vocab-size", "100"])

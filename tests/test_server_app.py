@@ -51,6 +51,35 @@ def test_engine_death_gives_503_and_an_error_event(engine):
         assert client.get("/metrics").status_code == 200  # still answers, for the operator
 
 
+def test_a_dead_engine_process_gives_503_and_an_error_event():
+    """The engine in its own process (serve's default), killed mid-stream as the OOM killer would."""
+    import os
+    import signal
+
+    engine = AsyncEngine.from_spec(ModelSpec(device="cpu", dtype="float32"), num_blocks=64)
+    try:
+        with TestClient(build_app(engine, "m")) as client:
+            assert client.get("/health").status_code == 200
+            body = {"model": "m", "prompt": "hello", "max_tokens": 900, "ignore_eos": True, "stream": True}
+            with client.stream("POST", "/v1/completions", json=body) as r:
+                data = []
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        data.append(line[6:])
+                        if len(data) == 3:  # tokens are streaming: the engine process dies now
+                            os.kill(engine._backend.process.pid, signal.SIGKILL)
+            assert data[-1] == "[DONE]"
+            error = json.loads(data[-2])["error"]
+            assert error["code"] == "engine_dead" and "killed by SIGKILL" in error["message"]
+            health = client.get("/health")
+            assert health.status_code == 503 and "SIGKILL" in health.json()["error"]["message"]
+            r = client.post("/v1/completions", json={"prompt": "x"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    finally:
+        engine.shutdown(timeout=0)
+    assert not engine._backend.process.is_alive()
+
+
 def test_defaults_come_from_generation_config(engine):
     gc = engine.model.generation_config
     gc.temperature, gc.top_p, gc.top_k, gc.max_new_tokens = 0.6, 0.9, 40, 7
