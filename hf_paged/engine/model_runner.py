@@ -284,7 +284,8 @@ class ModelRunner:
             start = time.perf_counter()
             # No "duck" sizing: sizes that happen to be equal when a graph is traced (a decode step's
             # rows, tokens and kept logits) must not become one symbol, which a prompt step would break.
-            shapes = torch.fx.experimental._config.patch(use_duck_shape=False)
+            if hasattr(torch.fx.experimental._config, "use_duck_shape"):
+                shapes = torch.fx.experimental._config.patch(use_duck_shape=False)
         with torch.inference_mode(), self.switch, self.fusion, active_cache(self.cache), shapes:
             out = model(
                 input_ids=input_ids,

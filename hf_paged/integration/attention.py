@@ -303,7 +303,16 @@ def run_paged_attention(
 # ``torch.compile`` the eager code calls the launchers directly (no custom-op dispatch cost).
 
 
-@torch.library.custom_op("hf_paged::paged_attention", mutates_args=())
+# Explicit schemas: the signature does not depend on how a torch version parses postponed annotations.
+_ATTENTION_SCHEMA = (
+    "(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, "
+    "SymInt max_query_len, float scale, SymInt? sliding_window, float? softcap, Tensor? sinks, Tensor? k_scale, "
+    "Tensor? v_scale, str backend) -> Tensor"
+)
+_WRITE_SCHEMA = "(Tensor key, Tensor value, Tensor(a!) kv, Tensor(b!)? scales, SymInt layer, Tensor slot_mapping) -> ()"
+
+
+@torch.library.custom_op("hf_paged::paged_attention", mutates_args=(), schema=_ATTENTION_SCHEMA)
 def paged_attention_op(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -347,7 +356,7 @@ def _(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max_quer
     return torch.empty_like(query)
 
 
-@torch.library.custom_op("hf_paged::write_kv", mutates_args=("kv", "scales"))
+@torch.library.custom_op("hf_paged::write_kv", mutates_args=("kv", "scales"), schema=_WRITE_SCHEMA)
 def write_kv_op(
     key: torch.Tensor,
     value: torch.Tensor,
