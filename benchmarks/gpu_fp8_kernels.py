@@ -12,6 +12,7 @@ Variants (all through ``paged_attention._launch`` with an explicit ``_Config``):
   kernel as it was first measured).
 * ``fp8-f16``: FP8 K/V converted to fp16, fp16 dots, plain Triton conversions (``fp8_ptx_cvt=False``).
 * ``fp8-new``: fp16 dots, the value tile converted by inline PTX before its layout change (the default).
+* ``fp8-kv``: fp16 dots, key and value tiles converted by inline PTX (``fp8_ptx_cvt=2``).
 
 Check: each variant against ``paged_attention_reference`` on the same cache (mixed prefill/decode rows,
 window + softcap + sinks, forced splits, bf16 queries of size ~2^17 for the fp16 path). Timing: 8B heads
@@ -57,10 +58,15 @@ CONTEXTS = (512, 2048, 8192)
 VARIANTS = {
     "bf16": {},
     "fp8-old": dict(fp8_f16_dot=False),
-    "fp8-f16": dict(fp8_ptx_cvt=False),
+    "fp8-f16": dict(fp8_ptx_cvt=0),
     "fp8-new": {},
+    "fp8-kv": dict(fp8_ptx_cvt=2),
 }
-SWEEP = [(64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 8, 3), (32, 4, 2), (32, 4, 3), (64, 2, 2)]
+FP8_NAMES = [n for n in VARIANTS if n != "bf16"]
+# (variant, tile, num_warps, num_stages) timed besides the heuristic config
+SWEEP = [("fp8-new", 64, 4, 3), ("fp8-new", 64, 8, 2), ("fp8-new", 128, 4, 2), ("fp8-new", 128, 8, 2),
+         ("fp8-new", 32, 4, 2), ("fp8-new", 32, 4, 3), ("fp8-kv", 32, 4, 2), ("fp8-kv", 128, 8, 2), ("fp8-kv", 64, 4, 3),
+         ("fp8-new", 128, 8, 3), ("fp8-new", 64, 2, 2)]
 SWEEP_SPLITS_B16 = (2, 8, 16)  # the heuristic picks 4 at batch 16
 CHECK_TOL = 1e-2  # relative Frobenius error against the fp32 reference on the same cache (bf16 outputs)
 
@@ -191,23 +197,25 @@ def timings(gen, deadline: float) -> tuple[list[dict], list[dict]]:
                 nbytes = bf16_bytes if name == "bf16" else fp8_bytes
                 row[f"{name}_us"] = ms * 1e3
                 row[f"{name}_gbs"] = nbytes / ms / 1e6
-            for name in ("fp8-old", "fp8-f16", "fp8-new"):
+            for name in FP8_NAMES:
                 row[f"{name}_ratio"] = row[f"{name}_us"] / row["bf16_us"]
-            best = (row["fp8-new_us"], f"heuristic t{cfg.tile} w{cfg.num_warps} s{cfg.num_stages} x{cfg.num_splits}")
-            candidates = [pa._Config(cfg.block_m, t, w, s, cfg.num_splits) for t, w, s in SWEEP]
+            here = f"t{cfg.tile} w{cfg.num_warps} s{cfg.num_stages} x{cfg.num_splits}"
+            best = min((row[f"{n}_us"], f"{n} {here}") for n in ("fp8-new", "fp8-kv"))
+            candidates = [(n, pa._Config(cfg.block_m, t, w, st, cfg.num_splits)) for n, t, w, st in SWEEP]
             if batch == 16:
-                candidates += [pa._Config(cfg.block_m, cfg.tile, cfg.num_warps, cfg.num_stages, sp) for sp in SWEEP_SPLITS_B16]
-            for c in candidates:
+                candidates += [("fp8-new", pa._Config(cfg.block_m, cfg.tile, cfg.num_warps, cfg.num_stages, sp))
+                               for sp in SWEEP_SPLITS_B16]
+            for name, c in candidates:
                 if time.time() > deadline:
                     break
-                fn = lambda c=c: launch("fp8-new", prob, out, c, (None, None, None))  # noqa: E731
+                fn = lambda name=name, c=c: launch(name, prob, out, c, (None, None, None))  # noqa: E731
                 try:
                     fn()
                     ms = bench(fn, quick=True)
                 except Exception as exc:  # a config that does not compile (registers, shared memory)
                     print(f"   sweep {c}: failed {type(exc).__name__}: {str(exc)[:100]}", flush=True)
                     continue
-                tag = f"t{c.tile} w{c.num_warps} s{c.num_stages} x{c.num_splits}"
+                tag = f"{name} t{c.tile} w{c.num_warps} s{c.num_stages} x{c.num_splits}"
                 sweeps.append(dict(batch=batch, ctx=ctx, config=tag, us=ms * 1e3, gbs=fp8_bytes / ms / 1e6))
                 if ms * 1e3 < best[0]:
                     best = (ms * 1e3, tag)
@@ -216,7 +224,7 @@ def timings(gen, deadline: float) -> tuple[list[dict], list[dict]]:
             rows.append(row)
             print(f"B={batch:4d} ctx={ctx:5d}: bf16 {row['bf16_us']:8.1f} us {row['bf16_gbs']:6.0f} GB/s | "
                   + " | ".join(f"{n} {row[n + '_us']:8.1f} us {row[n + '_gbs']:6.0f} GB/s x{row[n + '_ratio']:.2f}"
-                               for n in ("fp8-old", "fp8-f16", "fp8-new"))
+                               for n in FP8_NAMES)
                   + f" | best {best[0]:.1f} us ({best[1]})", flush=True)
             del prob, out
             if DEVICE == "cuda":
@@ -225,14 +233,16 @@ def timings(gen, deadline: float) -> tuple[list[dict], list[dict]]:
 
 
 def render(rows) -> str:
-    head = (f"{'batch':>5s} {'ctx':>5s} {'bf16 us':>8s} {'GB/s':>5s} | {'old us':>8s} {'GB/s':>5s} {'/bf16':>5s} | "
-            f"{'f16 us':>8s} {'/bf16':>5s} | {'new us':>8s} {'GB/s':>5s} {'/bf16':>5s} | {'best us':>8s} {'/bf16':>5s} config")
-    lines = [head]
+    """us, GB/s and time / bf16 time per variant; the best sweep entry last."""
+    head = f"{'batch':>5s} {'ctx':>5s} {'bf16 us':>8s} {'GB/s':>5s}"
+    for n in FP8_NAMES:
+        head += f" | {n + ' us':>11s} {'GB/s':>5s} {'/bf16':>5s}"
+    lines = [head + f" | {'best us':>8s} {'/bf16':>5s} config"]
     for r in rows:
-        lines.append(f"{r['batch']:5d} {r['ctx']:5d} {r['bf16_us']:8.1f} {r['bf16_gbs']:5.0f} | {r['fp8-old_us']:8.1f} "
-                     f"{r['fp8-old_gbs']:5.0f} {r['fp8-old_ratio']:5.2f} | {r['fp8-f16_us']:8.1f} {r['fp8-f16_ratio']:5.2f} | "
-                     f"{r['fp8-new_us']:8.1f} {r['fp8-new_gbs']:5.0f} {r['fp8-new_ratio']:5.2f} | {r['best_us']:8.1f} "
-                     f"{r['best_ratio']:5.2f} {r['best_config']}")
+        line = f"{r['batch']:5d} {r['ctx']:5d} {r['bf16_us']:8.1f} {r['bf16_gbs']:5.0f}"
+        for n in FP8_NAMES:
+            line += f" | {r[n + '_us']:11.1f} {r[n + '_gbs']:5.0f} {r[n + '_ratio']:5.2f}"
+        lines.append(line + f" | {r['best_us']:8.1f} {r['best_ratio']:5.2f} {r['best_config']}")
     return "\n".join(lines)
 
 

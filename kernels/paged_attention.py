@@ -208,8 +208,11 @@ def _attend_tiles(
                 k_scale = tl.load(ks_ptr)
                 v_scale = tl.load(vs_ptr)
             if F16_DOT:  # one cvt.rn.f16x2.e4m3x2 per two elements (to bf16: three instructions)
-                kt = kt.to(tl.float16)
-                if PTX_CVT:
+                if PTX_CVT >= 2:
+                    kt = _e4m3_to_f16_ptx(kt)
+                else:
+                    kt = kt.to(tl.float16)
+                if PTX_CVT >= 1:
                     v = _e4m3_to_f16_ptx(v)
                 else:
                     v = v.to(tl.float16)
@@ -275,7 +278,7 @@ def _paged_attention_kernel(
     KV_FP8: tl.constexpr,  # e4m3 caches with per-(token, KV head) scales
     V_SCALE_ON_P: tl.constexpr,  # FP8 without F16_DOT: value scales multiply P (False: the value tile)
     F16_DOT: tl.constexpr,  # FP8: K/V tiles become fp16 and both dots run in fp16 (16-bit queries)
-    PTX_CVT: tl.constexpr,  # F16_DOT on CUDA: value tiles converted by _e4m3_to_f16_ptx
+    PTX_CVT: tl.constexpr,  # F16_DOT on CUDA, tiles converted by _e4m3_to_f16_ptx: 0 none, 1 V, 2 K and V
 ):
     # Reverse order: the last q-blocks of a row see the most keys, start them first.
     if HEADS_FIRST:
@@ -448,7 +451,7 @@ class _Config:
     num_splits: int  # KV splits per (q-block, KV head); 1 = no merge kernel
     heads_first: bool = True  # grid axis 0 = KV heads
     fp8_f16_dot: bool = True  # FP8 caches, 16-bit queries: fp16 dots (False: dots in the query dtype)
-    fp8_ptx_cvt: bool = True  # with fp8_f16_dot on CUDA: value tiles converted by inline PTX
+    fp8_ptx_cvt: int = 1  # with fp8_f16_dot on CUDA, tiles converted by inline PTX: 0 none, 1 V, 2 K and V
 
 
 _MAX_SPLITS = 64
@@ -665,7 +668,7 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
         KV_FP8=kv_fp8,
         V_SCALE_ON_P=query.dtype != torch.float16,
         F16_DOT=f16_dot,
-        PTX_CVT=f16_dot and cfg.fp8_ptx_cvt and query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+        PTX_CVT=cfg.fp8_ptx_cvt if f16_dot and query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" else 0,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
