@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +267,48 @@ def test_a_model_that_fails_to_load_raises_with_the_child_traceback(tmp_path):
     char_tokenizer().save_pretrained(tmp_path)  # a tokenizer, but no model
     with pytest.raises(EngineProcessError, match="while loading the model"):
         AsyncEngine.from_spec(ModelSpec(str(tmp_path), device="cpu"), num_blocks=16)
+
+
+ORPHAN_SCRIPT = """
+import asyncio, sys, time
+from hf_paged import AsyncEngine, ModelSpec, SamplingParams
+
+async def main():
+    engine = AsyncEngine.from_spec(ModelSpec(device="cpu"), num_blocks=64)
+    stream = engine.generate([5, 6, 7], SamplingParams(max_new_tokens=1000, ignore_eos=True))
+    await stream.__anext__()
+    print("engine process", engine._backend.process.pid, flush=True)  # busy: stepping the long request
+    await asyncio.sleep(600)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_the_engine_process_exits_when_its_parent_dies():
+    root = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        line = parent.stdout.readline()
+        assert line.startswith("engine process"), line
+        child = int(line.split()[-1])
+        parent.kill()  # no shutdown, no exit hooks: as the OOM killer would
+        parent.wait(timeout=TIMEOUT)
+        deadline = time.monotonic() + 30
+        while _alive(child):
+            assert time.monotonic() < deadline, "the engine process outlived its parent"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # exited but not yet reaped by its new parent
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

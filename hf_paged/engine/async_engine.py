@@ -137,8 +137,13 @@ class AsyncEngine:
 
         Returns once the child is ready to step (its model loaded, its pool allocated). Options are
         checked here first; a failure in the child while loading raises ``EngineProcessError`` with the
-        child's traceback. The child exits after ``shutdown``, and also on its own when this process
-        dies (it watches the command pipe), so no process is left behind.
+        child's traceback. The child exits after ``shutdown`` (or at interpreter exit), and also on its
+        own when this process dies (it watches the command pipe), so no process is left behind. It
+        ignores SIGINT and SIGTERM: a signal to the whole process group reaches this process, which
+        drains its requests and then stops the child.
+
+        As with any ``multiprocessing`` spawn, a script that calls this at import level must guard its
+        entry point with ``if __name__ == "__main__":`` (the child imports the main module).
         """
         from .engine_process import ProcessBackend
 

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import multiprocessing.util  # noqa: F401 - see the note on exit order below
+import os
 import pickle
 import signal
+import sys
 import threading
 import traceback
 from typing import Any
@@ -35,8 +38,16 @@ from ..options import EngineOptions
 from .model_spec import ModelSpec
 from .step_loop import EngineFacts, EngineProcessError, StepLoop, StepOutput
 
-# Seconds a stopped child gets to exit after its last output before it is killed.
+# Seconds a stopped child gets to send its last output and exit before it is killed.
 EXIT_GRACE_S = 30.0
+# Linux: pipe buffers this large (the default is 64 KiB, about four steps of 256 requests' outputs), so
+# that a front end busy for a moment does not stall the step loop on a full pipe.
+PIPE_BYTES = 1 << 20
+
+# Exit order: at interpreter exit, multiprocessing's own exit hook (registered when multiprocessing.util
+# is imported) terminates daemonic children and joins them; this child ignores SIGTERM, so it must be
+# told to stop before that. AsyncEngine.from_spec registers its shutdown hook after importing this
+# module, and exit hooks run last-registered first, so the engine stops its child first.
 
 
 class ProcessBackend:
@@ -50,6 +61,8 @@ class ProcessBackend:
         self.process = ctx.Process(
             target=_child_main, args=(spec, options, child_commands, child_outputs), name="hf_paged-engine", daemon=True
         )
+        for conn in (self.commands, self.outputs):
+            _widen_pipe(conn)
         self.process.start()
         # Only the child holds its ends now: when either side exits, the other reads end-of-file.
         child_commands.close()
@@ -113,13 +126,16 @@ class ProcessBackend:
             frontend._die(EngineProcessError(f"the engine process died ({_exit_text(self.process.exitcode)})"), stats)
 
     def join(self) -> None:
-        current = threading.current_thread()
-        for thread in (self.sender, self.reader):
-            if thread is not None and thread is not current:
-                thread.join()
+        """After the stop command: wait for the final output and the child's exit; a child that does not
+        get there within ``EXIT_GRACE_S`` (a step hung in a driver call, say) is killed."""
+        threads = [t for t in (self.sender, self.reader) if t is not None and t is not threading.current_thread()]
+        for thread in threads:
+            thread.join(EXIT_GRACE_S)
         self.process.join(EXIT_GRACE_S)
-        if self.process.is_alive():
-            self.kill()
+        if self.process.is_alive() or any(t.is_alive() for t in threads):
+            self.kill()  # the reader then reads end-of-file and fails what is left
+            for thread in threads:
+                thread.join(EXIT_GRACE_S)
         self.commands.close()
         self.outputs.close()
 
@@ -127,6 +143,15 @@ class ProcessBackend:
         if self.process.is_alive():
             self.process.kill()
         self.process.join()
+
+
+def _widen_pipe(conn: Any) -> None:
+    try:
+        import fcntl
+
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):  # not Linux, or above the system's limit: the default stays
+        pass
 
 
 def _exit_text(code: int | None) -> str:
@@ -146,41 +171,54 @@ def _child_main(spec: ModelSpec, options: EngineOptions, commands: Any, outputs:
     # handles them (it drains its requests, then stops this process); dying here first would fail them.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        code = _serve(spec, options, commands, outputs)
+    except OSError:  # the output pipe broke: the front end is gone, nobody to report to
+        code = 1
+    finally:
+        commands.close()
+        outputs.close()
+    # Everything is released (pool, runner, pipes); skip the interpreter's teardown of torch and the
+    # model, which takes seconds and would only delay the front end's shutdown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _serve(spec: ModelSpec, options: EngineOptions, commands: Any, outputs: Any) -> int:
+    """Load and run; the exit code (0: stopped by the front end, 1: failed)."""
     from .core import EngineCore
 
     def send(message: tuple) -> None:
         outputs.send_bytes(pickle.dumps(message, protocol=5))
 
     try:
-        try:
-            model, tokenizer = spec.load()
-            core = EngineCore(model, tokenizer, options)
-        except BaseException:  # noqa: BLE001 - reported to the front end, which raises it
-            send(("failed", traceback.format_exc(), None))
-            return
-        send(("ready", EngineFacts.of(core, copy_config=True), core.stats()))
+        model, tokenizer = spec.load()
+        core = EngineCore(model, tokenizer, options)
+    except BaseException:  # noqa: BLE001 - reported to the front end, which raises it
+        send(("failed", traceback.format_exc(), None))
+        return 1
+    send(("ready", EngineFacts.of(core, copy_config=True), core.stats()))
 
-        def take(block: bool) -> tuple[list, bool]:
-            batch: list = []
-            # Busy: only what has already arrived (a poll per step); idle: wait for the next message.
-            while block or commands.poll(0):
-                try:
-                    received, stop = pickle.loads(commands.recv_bytes())
-                except EOFError:  # the front end's process is gone: abort everything and exit
-                    return batch, True
-                batch.extend(received)
-                if stop:
-                    return batch, True
-                block = False
-            return batch, False
+    def take(block: bool) -> tuple[list, bool]:
+        batch: list = []
+        # Busy: only what has already arrived (a poll per step); idle: wait for the next message.
+        while block or commands.poll(0):
+            try:
+                received, stop = pickle.loads(commands.recv_bytes())
+            except EOFError:  # the front end's process is gone: abort everything and exit
+                return batch, True
+            batch.extend(received)
+            if stop:
+                return batch, True
+            block = False
+        return batch, False
 
-        def on_failure(error: BaseException, stats: Any) -> None:
-            text = "".join(traceback.format_exception(error))
-            send(("failed", text, stats))
+    failed: list[BaseException] = []
 
-        StepLoop(core).run(take, lambda out: send(("step", out)), on_failure)
-    except OSError:  # the output pipe broke: the front end is gone, nobody to report to
-        pass
-    finally:
-        commands.close()
-        outputs.close()
+    def on_failure(error: BaseException, stats: Any) -> None:
+        failed.append(error)
+        send(("failed", "".join(traceback.format_exception(error)), stats))
+
+    StepLoop(core).run(take, lambda out: send(("step", out)), on_failure)
+    return 1 if failed else 0
