@@ -159,6 +159,10 @@ def test_option_and_supported_families():
     with pytest.raises(TypeError, match="cuda_graphs"):
         hf_paged.enable(llama, cuda_graphs="yes")
     assert not hf_paged.is_enabled(llama)
+    assert DecodeGraphs.supports(llama)
+    # Dynamic NTK scaling picks its frequencies on the host from the positions seen: stays eager.
+    llama.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert not DecodeGraphs.supports(llama)
 
 
 def test_table_width_covers_the_call():

@@ -53,6 +53,7 @@ GRAPH_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "
 _STEP_TENSORS = ("input_ids", "position_ids", "cache_position")
 # Arguments that, when set, ask for outputs a graph does not return.
 _REFUSED_FLAGS = ("output_attentions", "output_hidden_states", "labels", "inputs_embeds")
+_HOST_ROPE_TYPES = ("dynamic", "longrope")
 MIN_WIDTH = 16  # smallest block-table width captured (256 tokens at block size 16)
 MAX_GRAPHS = 8  # graphs kept per model; the least recently used goes first
 
@@ -118,7 +119,13 @@ class DecodeGraphs:
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
         config = model.config.get_text_config()
-        return getattr(config, "model_type", None) in GRAPH_MODEL_TYPES
+        if getattr(config, "model_type", None) not in GRAPH_MODEL_TYPES:
+            return False
+        # RoPE variants that pick their frequencies on the host from the positions seen so far (a
+        # device-to-host read each step, and a choice a graph would freeze) stay eager.
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        kinds = [rope] if "rope_type" in rope or "type" in rope else [v for v in rope.values() if isinstance(v, dict)]
+        return not any(k.get("rope_type", k.get("type")) in _HOST_ROPE_TYPES for k in kinds)
 
     def clear(self) -> None:
         """Drop every graph (the pool or the weights they were captured with changed)."""
@@ -322,7 +329,8 @@ class DecodeGraphs:
                         forward(**call)
                 torch.cuda.current_stream().wait_stream(stream)
                 cuda_graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(cuda_graph):
+                # thread_local: another thread's CUDA work (a concurrent generate) does not break the capture.
+                with torch.cuda.graph(cuda_graph, capture_error_mode="thread_local"):
                     output = forward(**call)
             if not hasattr(output, "items") or not isinstance(output.get("logits"), torch.Tensor):
                 raise TypeError(f"the forward returned {type(output).__name__} without logits")
