@@ -58,7 +58,7 @@ def assert_same_results(got, want, label):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2"])  # gemma2: sliding window and softcap through the op
 def test_compiled_steps_match_eager_and_stock_generate(name):
     model, stock = model_and_stock(name)
     eager = ContinuousGenerator(model, progress=False, num_blocks=64).generate(prompts(), PARAMS)

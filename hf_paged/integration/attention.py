@@ -130,7 +130,9 @@ def paged_attention_forward(
     """
     # A compiled forward passes its cache as a keyword (Dynamo cannot trace ContextVar.get); the model
     # forwards unknown keywords down to its attention function.
-    cache = kwargs.pop(CACHE_KWARG, None) or _ACTIVE_CACHE.get()
+    cache = kwargs.pop(CACHE_KWARG, None)
+    if cache is None:
+        cache = _ACTIVE_CACHE.get()
     if cache is None:
         return _fallback(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap, s_aux, kwargs)
     cache.layer_windows[module.layer_idx] = sliding_window
