@@ -7,7 +7,9 @@ What ``enable`` changes, all on the one model instance and all undone by ``disab
 - two forward hooks activate the paged attention for forwards that carry a ``PagedCache`` (and hand
   the step's 2D mask to it);
 - a ``cache_implementation`` in the checkpoint's generation config is cleared (it would conflict
-  with a user-supplied cache).
+  with a user-supplied cache);
+- ``model.forward`` becomes a wrapper that hands the decode steps of a paged ``generate`` to
+  ``DecodeGraphs`` (CUDA graphs, ``decode_graphs.py``); every other forward goes straight through.
 
 Each call reads the generation options the way ``generate`` does (call keywords, a passed
 ``generation_config``, then the model's stored one): an explicit cache choice (``past_key_values``,
