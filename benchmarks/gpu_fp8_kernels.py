@@ -15,7 +15,7 @@ Variants (all through ``paged_attention._launch`` with an explicit ``_Config``):
 * ``fp8-kv``: fp16 dots, key and value tiles converted by inline PTX (``fp8_ptx_cvt=2``).
 
 Check: each variant against ``paged_attention_reference`` on the same cache (mixed prefill/decode rows,
-window + softcap + sinks, forced splits, bf16 queries of size ~2^17 for the fp16 path). Timing: 8B heads
+window + softcap + sinks, forced splits, bf16 queries of size ~2^17 for the fp16 path, fp16 queries). Timing: 8B heads
 (32 q / 8 KV heads, head_dim 128, block 16), batch 16/64/256 x context 512/2048/8192, one query token per
 row, `triton.testing.do_bench` medians (L2 flushed). GB/s counts the K/V bytes actually read: 2 bytes
 per element for bf16; 1 byte per element plus the 4-byte scale per token and KV head for FP8. The sweep
@@ -84,12 +84,13 @@ def rel_err(out, ref) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
 
 
-def make_problem(rows, gen, q_gain=1.0):
+def make_problem(rows, gen, q_gain=1.0, dtype=None):
     """rows = [(seq_len, num_q)]: a bf16 pool with scattered blocks, its FP8 copy, queries, metadata."""
     per_row = [max(1, math.ceil(s / BS)) for s, _ in rows]
     width = max(per_row)
     num_blocks = sum(per_row) + 1
-    pool = torch.randn(2, num_blocks, BS, HKV, D, device=DEVICE, generator=gen).to(DTYPE)
+    dtype = dtype or DTYPE
+    pool = torch.randn(2, num_blocks, BS, HKV, D, device=DEVICE, generator=gen).to(dtype)
     perm = torch.randperm(num_blocks, device=DEVICE, generator=gen)
     tables = torch.zeros(len(rows), width, dtype=torch.int32, device=DEVICE)
     at = 0
@@ -97,7 +98,7 @@ def make_problem(rows, gen, q_gain=1.0):
         tables[r, :n] = perm[at : at + n].to(torch.int32)
         at += n
     num_tokens = sum(q for _, q in rows)
-    query = (torch.randn(num_tokens, HQ, D, device=DEVICE, generator=gen) * q_gain).to(DTYPE)
+    query = (torch.randn(num_tokens, HQ, D, device=DEVICE, generator=gen) * q_gain).to(dtype)
     seq_lens = torch.tensor([s for s, _ in rows], dtype=torch.int32, device=DEVICE)
     qsl = torch.tensor([0] + [q for _, q in rows], device=DEVICE).cumsum(0).to(torch.int32)
     k8, ks = kvw.quantize_fp8_reference(pool[0])
@@ -135,12 +136,14 @@ def check(gen) -> list[dict]:
     if DEVICE == "cpu":
         mixed, decode = [(40, 7), (17, 1), (5, 0), (3, 6)], [(1, 1), (17, 1), (70, 1)]
     sinks = torch.randn(HQ, device=DEVICE, generator=gen)
-    cases = [("mixed", mixed, (None, None, None), None, 1.0), ("mixed+window+softcap+sinks", mixed, (100, 30.0, sinks), 3, 1.0),
-             ("decode", decode, (None, None, None), None, 1.0), ("decode split 5", decode, (None, None, None), 5, 1.0),
-             ("decode q~2^17", decode, (None, None, None), None, 2.0**17 if DTYPE == torch.bfloat16 else 2.0**10)]
+    none = (None, None, None)
+    cases = [("mixed", mixed, none, None, 1.0, DTYPE), ("mixed+window+softcap+sinks", mixed, (100, 30.0, sinks), 3, 1.0, DTYPE),
+             ("decode", decode, none, None, 1.0, DTYPE), ("decode split 5", decode, none, 5, 1.0, DTYPE),
+             ("decode q~2^17", decode, none, None, 2.0**17 if DTYPE == torch.bfloat16 else 2.0**10, DTYPE),
+             ("decode fp16 queries", decode, none, None, 1.0, torch.float16)]
     results = []
-    for label, rows, features, splits, gain in cases:
-        prob = make_problem(rows, gen, q_gain=gain)
+    for label, rows, features, splits, gain, dtype in cases:
+        prob = make_problem(rows, gen, q_gain=gain, dtype=dtype)
         scale = SCALE / gain
         tables, seq_lens, qsl = prob["meta"]
         n = int(qsl[-1])
