@@ -393,6 +393,24 @@ class EngineCore:
     # ---- outputs ---------------------------------------------------------------------------------
     def event(self, request: Request) -> StreamEvent:
         """What ``request`` produced since its previous event (the one place steps become events)."""
+        request_id, sample, new_ids, text, finish_reason, logprobs, prompt_logprobs = self.event_record(request)
+        return StreamEvent(
+            request.index,
+            sample,
+            new_ids,
+            text,
+            request.finished,
+            finish_reason,
+            request_id=request_id,
+            logprobs=logprobs,
+            num_prompt_tokens=request.prompt_len,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def event_record(self, request: Request) -> tuple:
+        """``event``'s variable fields as a plain tuple, (request_id, sample, new token ids, new text or None,
+        finish_reason or None, logprobs or None, prompt_logprobs or None): the online engine sends hundreds
+        per step, to another process too, where tuples pickle ~10x faster than dataclasses."""
         start = request.num_streamed_tokens
         new_ids = request.token_ids[request.prompt_len + start :]
         request.num_streamed_tokens += len(new_ids)
@@ -405,18 +423,8 @@ class EngineCore:
             request.num_streamed_chars = max(end, request.num_streamed_chars)
         group = request.group
         prompt_logprobs = request.prompt_logprobs if start == 0 and request.prompt_logprobs is not None else None
-        return StreamEvent(
-            request.index,
-            request.sample,
-            new_ids,
-            text,
-            request.finished,
-            request.finish_reason,
-            request_id=group.request_id if group is not None else None,
-            logprobs=logprobs,
-            num_prompt_tokens=request.prompt_len,
-            prompt_logprobs=prompt_logprobs,
-        )
+        request_id = group.request_id if group is not None else None
+        return (request_id, request.sample, new_ids, text, request.finish_reason, logprobs, prompt_logprobs)
 
     def text(self, request: Request) -> str | None:
         """The whole generated text of a finished request (None without a tokenizer)."""

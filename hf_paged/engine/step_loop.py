@@ -72,9 +72,9 @@ class EngineFacts:
         return cls(core.limits, core.max_model_len, core.eos_token_ids, copy.deepcopy(config) if copy_config else config)
 
 
-# One new-output record per sample that advanced in a step (tuples: hundreds per step cross a pipe):
-# (request_id, sample, new token ids, new text or None, finish_reason or None, logprobs or None,
-#  prompt_logprobs or None).
+# One new-output record per sample that advanced in a step (``EngineCore.event_record``; tuples, since
+# hundreds per step cross a pipe): (request_id, sample, new token ids, new text or None, finish_reason or
+# None, logprobs or None, prompt_logprobs or None). The front end makes the ``StreamEvent``.
 EventRecord = tuple
 
 
@@ -169,8 +169,7 @@ class StepLoop:
             self._finished(g, out)
 
     def _record(self, request: Request) -> EventRecord:
-        e = self.core.event(request)
-        return (e.request_id, e.sample, e.token_ids, e.text, e.finish_reason, e.logprobs, e.prompt_logprobs)
+        return self.core.event_record(request)
 
     def _finished(self, group: RequestGroup, out: StepOutput) -> None:
         self.groups.pop(group.request_id, None)
