@@ -1,6 +1,7 @@
 """``hf-paged serve`` as a real process on 127.0.0.1, driven by the official ``openai`` client and raw HTTP.
 
-Two servers per module run the embedded default model in float64 (exact greedy comparisons):
+Two servers per module run the embedded default model in float64 (exact greedy comparisons), each with
+its engine in a process of its own (serve's default; ``test_server_app`` covers the in-process engine):
 ``server`` is open; ``guarded`` has API keys, a waiting-queue bound of 2 and one running sequence at a
 time (so a request queue builds up on purpose), and is stopped with SIGTERM by the last test.
 Every wait is bounded: a hang fails the test instead of blocking CI.

@@ -3,5 +3,6 @@
 - ``protocol``: request bodies (pydantic) and OpenAI's error shape;
 - ``app``: the FastAPI app (``build_app(engine, model_name, api_keys)``);
 - ``metrics``: the Prometheus registry behind ``/metrics``;
-- ``main``: model loading, the uvicorn server, graceful shutdown.
+- ``main``: the engine (in a process of its own by default, ``AsyncEngine.from_spec``), the uvicorn
+  server, graceful shutdown.
 """
