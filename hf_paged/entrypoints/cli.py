@@ -112,7 +112,11 @@ def _add_serve(sub) -> None:
     from ..server.main import add_serve_arguments  # argparse only: the server loads when the command runs
 
     serve = _subcommand(sub, "serve", "..server.main:main_serve",
-                        help='OpenAI-compatible HTTP server (needs: pip install "hf_paged[serve]")')  # fmt: skip
+                        help='OpenAI-compatible HTTP server (needs: pip install "hf_paged[serve]")',
+                        description="OpenAI-compatible HTTP server over the online engine. The engine's step loop "
+                                    "runs in a process of its own (loading the model there), so that the server's "
+                                    "HTTP, SSE and text work never slows a step; --no-engine-process keeps it in "
+                                    "the server's process.")  # fmt: skip
     add_serve_arguments(serve)
 
 
