@@ -302,8 +302,8 @@ class ModelRunner:
 
     def _compiled(self) -> Any:
         if self._compiled_model is None:
-            # dynamic=True: one graph for every packed length T >= 2 (T = 1 gets its own), so new batch
-            # sizes and prompt lengths do not recompile.
+            # dynamic=True: symbolic rows, tokens, table width and kept rows (all >= 2, see run()), so
+            # new batch sizes and prompt lengths do not recompile.
             self._compiled_model = torch.compile(self.model, dynamic=True, backend=self.compile_backend)
         return self._compiled_model
 
