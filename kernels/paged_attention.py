@@ -111,6 +111,7 @@ def _e4m3_to_f16_ptx(x):
 @triton.jit
 def _softmax_step(
     acc, m_i, l_i,  # running state: [BLOCK_M, HEAD_PAD], [BLOCK_M], [BLOCK_M] fp32 (base-2 logits)
+    v_ref,  # scalar: acc holds the output times 1 / v_ref (F16_DOT; else 1)
     q, kt, v,  # [BLOCK_M, HEAD_PAD], [HEAD_PAD, TILE], [TILE, HEAD_PAD] (K/V in the query dtype)
     k_scale, v_scale,  # [TILE] fp32 per-key scales of FP8 caches (else unused)
     j, pos,  # [TILE] key positions, [BLOCK_M] query positions
@@ -143,22 +144,25 @@ def _softmax_step(
     alpha = tl.exp2(m_i - m_ref)  # [BLOCK_M] rescales what was accumulated so far
     l_i = l_i * alpha + tl.sum(p, 1)
     if KV_FP8 and F16_DOT:
-        # p * v_scale would fall into fp16's subnormals for small scales: scale the probabilities by
-        # v_scale / (the tile's largest v_scale), at most 1, and the tile's product by that largest scale.
+        # p * v_scale would fall into fp16's subnormals for small scales: the probabilities are scaled
+        # by v_scale / v_max (v_max = the tile's largest v_scale, so at most 1) and the accumulator is
+        # kept in units of v_max, rescaled from the previous tile's units along with alpha. No second
+        # accumulator tile: the dot still accumulates in place.
         v_max = tl.max(v_scale, 0)
         v_max = tl.where(v_max > 0.0, v_max, 1.0)  # all-zero rows (and masked keys) have scale 0
-        pv = tl.dot((p * (v_scale / v_max)[None, :]).to(tl.float16), v, input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv * v_max
+        p16 = (p * (v_scale / v_max)[None, :]).to(tl.float16)
+        acc = tl.dot(p16, v, acc * (alpha * (v_ref / v_max))[:, None], input_precision=DOT_PRECISION)
+        v_ref = v_max
     else:
         if KV_FP8 and V_SCALE_ON_P:
             p = p * v_scale[None, :]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    return acc, m_new, l_i, v_ref
 
 
 @triton.jit
 def _attend_tiles(
-    acc, m_i, l_i,  # running state, see _softmax_step
+    acc, m_i, l_i, v_ref,  # running state, see _softmax_step
     q,  # [BLOCK_M, HEAD_PAD] query rows of this program
     pos,  # [BLOCK_M] int32 position of each row's query token
     k_base, v_base,  # cache pointers already offset to this KV head
@@ -225,10 +229,10 @@ def _attend_tiles(
         else:
             k_scale = kv_start  # unused
             v_scale = kv_start
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, kt, v, k_scale, v_scale, j, pos, scale_log2,
+        acc, m_i, l_i, v_ref = _softmax_step(acc, m_i, l_i, v_ref, q, kt, v, k_scale, v_scale, j, pos, scale_log2,
                                       softcap_log2, sliding_window, MASKED, USE_SOFTCAP, USE_WINDOW,
                                       DOT_PRECISION, KV_FP8, V_SCALE_ON_P, F16_DOT)
-    return acc, m_i, l_i
+    return acc, m_i, l_i, v_ref
 
 
 # Per-step integers are not specialised (== 1, divisible by 16): each specialisation is one more
@@ -349,6 +353,7 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    v_ref = scale_log2 * 0.0 + 1.0  # fp32 scalar (a loop-carried value must be a tensor, not a constant)
     if USE_SINKS:  # the sink is one more logit in the denominator; count it in split 0 only
         sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634  # [BLOCK_M], base 2
         m_i = tl.where(split == 0, sink, m_i)
@@ -361,22 +366,22 @@ def _paged_attention_kernel(
     bt_row = block_tables_ptr + row.to(tl.int64) * stride_bt
     # Only tiles on the window edge and on the causal diagonal pay for the mask.
     if USE_WINDOW:  # tiles cut by the window's lower edge
-        acc, m_i, l_i = _attend_tiles(
-            acc, m_i, l_i, q, pos, k_base, v_base, ks_base, vs_base, bt_row, t_begin,
+        acc, m_i, l_i, v_ref = _attend_tiles(
+            acc, m_i, l_i, v_ref, q, pos, k_base, v_base, ks_base, vs_base, bt_row, t_begin,
             tl.minimum(t_end, full_lo), kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
             stride_ksb, stride_kss, stride_vsb, stride_vss, scale_log2, softcap_log2, sliding_window,
             HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8,
             V_SCALE_ON_P, F16_DOT, PTX_CVT,
         )
-    acc, m_i, l_i = _attend_tiles(  # tiles every row sees in full
-        acc, m_i, l_i, q, pos, k_base, v_base, ks_base, vs_base, bt_row, tl.maximum(t_begin, full_lo),
+    acc, m_i, l_i, v_ref = _attend_tiles(  # tiles every row sees in full
+        acc, m_i, l_i, v_ref, q, pos, k_base, v_base, ks_base, vs_base, bt_row, tl.maximum(t_begin, full_lo),
         tl.minimum(t_end, full_hi), kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
         stride_ksb, stride_kss, stride_vsb, stride_vss, scale_log2, softcap_log2, sliding_window,
         HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, False, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8,
         V_SCALE_ON_P, F16_DOT, PTX_CVT,
     )
-    acc, m_i, l_i = _attend_tiles(  # tiles cut by the causal diagonal (and the sequence end)
-        acc, m_i, l_i, q, pos, k_base, v_base, ks_base, vs_base, bt_row, tl.maximum(t_begin, full_hi),
+    acc, m_i, l_i, v_ref = _attend_tiles(  # tiles cut by the causal diagonal (and the sequence end)
+        acc, m_i, l_i, v_ref, q, pos, k_base, v_base, ks_base, vs_base, bt_row, tl.maximum(t_begin, full_hi),
         t_end, kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
         stride_vsb, stride_vss, scale_log2, softcap_log2, sliding_window, HEAD_DIM, HEAD_PAD,
         BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8, V_SCALE_ON_P, F16_DOT,
@@ -384,7 +389,7 @@ def _paged_attention_kernel(
     )
 
     # l == 0 only when a row saw no key (and no sink): its output is exactly 0.
-    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # [BLOCK_M, HEAD_PAD]
+    o = acc * (v_ref / tl.where(l_i == 0.0, 1.0, l_i))[:, None]  # [BLOCK_M, HEAD_PAD]
     if SPLIT:
         part = (tok * NUM_Q_HEADS + head) * num_splits + split  # [BLOCK_M] int64
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=rd_mask)
