@@ -31,8 +31,14 @@ happens for left padding: such tokens attend to nothing and get exactly 0.
 FP8 caches (``torch.float8_e4m3fn`` K/V with one float32 scale per token and KV head, written by
 ``kv_write.write_kv``) are dequantized tile by tile on the way from memory to the dot products: key
 scales multiply the logits' columns (``q . (k * s) = (q . k) * s``), value scales multiply the
-probabilities' columns before ``P @ V`` (fp16 queries scale the value tile instead: probabilities times
-a small scale could fall into fp16's subnormals). No dequantized copy of the cache is ever made.
+probabilities' columns before ``P @ V``. No dequantized copy of the cache is ever made. With 16-bit
+queries both dots run in fp16, whatever the query dtype: e4m3 -> fp16 is one instruction per two values
+(-> bf16 takes three), e4m3 values are exact in fp16, and fp16 keeps more mantissa than bf16 for the
+probabilities. bf16 queries are scaled into fp16's range by a power of 2 (exact) and the logits back.
+The probabilities are multiplied by ``v_scale / v_max`` (at most 1, so nothing falls into fp16's
+subnormals) and the accumulator is kept in units of ``v_max``, the tile's largest value scale. On CUDA
+the value tile is converted by inline PTX in its load layout (see ``_e4m3_to_f16_ptx``). fp32 queries
+convert K/V to fp32 instead.
 
 ``paged_attention_reference`` (bottom of the file) is the readable PyTorch version the tests compare
 against (the library's CPU path is the batched ``paged_attention_cpu.py``). Untested here: head_dim
