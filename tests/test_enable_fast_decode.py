@@ -144,7 +144,7 @@ def test_disable_restores_forward_and_plain_forwards_are_untouched():
 
 
 def test_option_and_supported_families():
-    model = make_model("gpt2")
+    model = make_model("opt")
     hf_paged.enable(model)
     try:
         assert model._hf_paged_state.graphs is None  # not a family checked through the static path

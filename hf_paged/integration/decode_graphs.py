@@ -45,8 +45,10 @@ from .cache import PagedCache
 
 logger = logging.getLogger("hf_paged")
 
-# Model types checked token for token against stock generate through the static path (tests).
-GRAPH_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3"})
+# Model types checked token for token against stock generate through the static path (tests), under
+# transformers 5.17 and 5.23: their positions default to the cache length plus the step's offset. (OPT,
+# for one, derives positions from the attention mask, which the graphs cannot carry.)
+GRAPH_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox"})
 
 # Keyword arguments whose tensors change every step and are copied into the graph's buffers; any other
 # tensor argument makes the step ineligible (its value would be baked into the graph).
