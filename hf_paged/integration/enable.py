@@ -128,11 +128,12 @@ def enable(model: torch.nn.Module, **options: Any) -> torch.nn.Module:
     memory), ``memory_fraction`` (0.5 of free CUDA memory), ``cpu_memory_bytes`` (1 GiB elsewhere),
     ``backend`` ("auto" | "torch" | "triton"), ``kv_cache_dtype`` ("auto": the model's dtype | "fp8":
     float8 e4m3 with a float32 scale per token and KV head, about half the bytes per token),
-    ``cuda_graphs`` (True: on CUDA, the decode steps of Llama, Mistral, Qwen2/3, Gemma2, Phi-3, GPT-2 and GPT-NeoX models
-    replay a CUDA graph per batch size instead of launching every kernel from Python; the first step of
-    a new batch size captures one), ``compile`` ("off" | "decode": those graphs capture ``torch.compile`` of
-    the forward, which fuses the elementwise work between the paged-attention calls; the first step of a
-    batch size then also compiles, tens of seconds for an 8B model).
+    ``cuda_graphs`` (True: on CUDA, the decode steps of Llama, Mistral, Qwen2/3, Gemma2, Phi-3, GPT-2
+    and GPT-NeoX models replay a CUDA graph per batch size instead of launching every kernel from
+    Python; the first step of a new batch size captures one), ``compile`` ("off" | "decode": those
+    graphs capture ``torch.compile`` of the forward, which fuses the elementwise work between the
+    paged-attention calls; the first step of a batch size then also compiles, tens of seconds for an
+    8B model).
     """
     opts = from_kwargs(EnableOptions, options, where="hf_paged.enable()")
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "generate"):
