@@ -124,6 +124,9 @@ class ProcessBackend:
             # Its pool went with it: nothing runs or holds blocks any more.
             stats = self._last_stats and dataclasses.replace(self._last_stats, running=0, waiting=0, kv_blocks_used=0)
             frontend._die(EngineProcessError(f"the engine process died ({_exit_text(self.process.exitcode)})"), stats)
+        except BaseException as error:  # noqa: BLE001 - a failure here must reach the callers, as one in a step does
+            self.kill()
+            frontend._die(error, None)
 
     def join(self) -> None:
         """After the stop command: wait for the final output and the child's exit; a child that does not
