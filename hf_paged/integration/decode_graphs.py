@@ -26,7 +26,6 @@ check it token for token against stock ``generate``.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import threading
 import time
@@ -155,7 +154,9 @@ class DecodeGraphs:
             return None
         try:
             # Streams, events and graphs belong to the current device: make it the model's.
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            if device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
+                return self._step(forward, cache, kwargs, batch, key_args)
+            with torch.cuda.device(device):
                 return self._step(forward, cache, kwargs, batch, key_args)
         finally:
             self._lock.release()
@@ -179,6 +180,11 @@ class DecodeGraphs:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
         self._load(graph, cache, kwargs)
+        if graph.graph is not None:  # the common case: nothing else to prepare
+            graph.graph.replay()
+            cache.step = graph.step
+            self.replays += 1
+            return self._result(None, cache, graph)
         call = self._call_kwargs(graph, cache, kwargs)
         if self.compile:
             forward = self._compiled_forward(forward)
