@@ -5,22 +5,23 @@ Usage (repo root, on a CUDA GPU with FP8 support: Ada, Hopper or newer; the pack
 
     python benchmarks/gpu_fp8_kernels.py [--out fp8_kernels.json] [--budget 170]
 
-Variants (all through ``paged_attention._launch`` with an explicit ``_Config``):
+Variants (all through ``paged_attention._launch`` with the launcher's own config, ``_choose_config``):
 
-* ``bf16``: bf16 K/V, the tuned default config.
-* ``fp8-old``: FP8 K/V converted to bf16 in the MMA operand layout, bf16 dots (``fp8_f16_dot=False``; the
-  kernel as it was first measured).
-* ``fp8-f16``: FP8 K/V converted to fp16, fp16 dots, plain Triton conversions (``fp8_ptx_cvt=False``).
-* ``fp8-new``: fp16 dots, the value tile converted by inline PTX before its layout change (the default).
-* ``fp8-kv``: fp16 dots, key and value tiles converted by inline PTX (``fp8_ptx_cvt=2``).
+* ``bf16``: bf16 K/V.
+* ``fp8``: FP8 K/V, fp16 dots, the value tile converted by inline PTX before its layout change (the
+  default, ``_Config.fp8_ptx_cvt=1``).
+* ``fp8-kv``: key tile converted by inline PTX too (``fp8_ptx_cvt=2``).
+* ``fp8-plain``: Triton's own conversions, in the MMA operand layout (``fp8_ptx_cvt=0``).
 
 Check: each variant against ``paged_attention_reference`` on the same cache (mixed prefill/decode rows,
-window + softcap + sinks, forced splits, bf16 queries of size ~2^17 for the fp16 path, fp16 queries). Timing: 8B heads
+window + softcap + sinks, forced splits, bf16 queries of size ~2^17, fp16 queries). Timing: 8B heads
 (32 q / 8 KV heads, head_dim 128, block 16), batch 16/64/256 x context 512/2048/8192, one query token per
-row, `triton.testing.do_bench` medians (L2 flushed). GB/s counts the K/V bytes actually read: 2 bytes
-per element for bf16; 1 byte per element plus the 4-byte scale per token and KV head for FP8. The sweep
-times the FP8 kernel with other tiles / warps / stages (and split counts at batch 16) while ``--budget``
-seconds last. The table comes last.
+row. GPU time per call from CUDA graph replay (20 calls per graph, each after a 256 MiB write that evicts
+L2, minus a graph of the writes alone; median of 5 replays): no host launch time, which dominated small
+batches under ``do_bench`` (decode runs in CUDA graphs in the library too). GB/s counts the K/V bytes
+actually read: 2 bytes per element for bf16; 1 byte per element plus the 4-byte scale per token and KV
+head for FP8. The sweep times other tiles / warps / stages (and split counts at batch 16) while
+``--budget`` seconds last. The table comes last.
 
 ``--smoke`` runs the same code on the CPU under the Triton interpreter with tiny shapes and fp16 queries
 (a test of the script, not of speed: the interpreter's bf16 dots are wrong, so bf16 variants FAIL there).
@@ -41,7 +42,6 @@ if "--smoke" in sys.argv:  # before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
-from triton.testing import do_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -57,27 +57,59 @@ CONTEXTS = (512, 2048, 8192)
 # name -> _Config overrides on top of the heuristic config
 VARIANTS = {
     "bf16": {},
-    "fp8-old": dict(fp8_f16_dot=False),
-    "fp8-f16": dict(fp8_ptx_cvt=0),
-    "fp8-new": {},
+    "fp8": {},
     "fp8-kv": dict(fp8_ptx_cvt=2),
+    "fp8-plain": dict(fp8_ptx_cvt=0),
 }
 FP8_NAMES = [n for n in VARIANTS if n != "bf16"]
-# (variant, tile, num_warps, num_stages) timed besides the heuristic config
-SWEEP = [("fp8-new", 64, 4, 3), ("fp8-new", 64, 8, 2), ("fp8-new", 128, 4, 2), ("fp8-new", 128, 8, 2),
-         ("fp8-new", 32, 4, 2), ("fp8-new", 32, 4, 3), ("fp8-kv", 32, 4, 2), ("fp8-kv", 128, 8, 2), ("fp8-kv", 64, 4, 3),
-         ("fp8-new", 128, 8, 3), ("fp8-new", 64, 2, 2)]
-SWEEP_SPLITS_B16 = (2, 8, 16)  # the heuristic picks 4 at batch 16
+# (variant, tile, num_warps, num_stages) timed besides the heuristic config (FP8: t64 w2 s2)
+SWEEP = [("fp8", 64, 2, 3), ("fp8", 32, 2, 2), ("fp8", 32, 1, 2), ("fp8", 128, 4, 2), ("fp8", 64, 4, 2),
+         ("fp8-kv", 64, 2, 3), ("fp8-kv", 32, 1, 2), ("fp8-kv", 128, 4, 2), ("bf16", 64, 2, 2), ("bf16", 32, 2, 2)]
+SWEEP_SPLITS_B16 = (2, 8, 16)  # the heuristic picks 4 at batch 16 (fp8 and fp8-kv)
 CHECK_TOL = 1e-2  # relative Frobenius error against the fp32 reference on the same cache (bf16 outputs)
 
 
-def bench(fn, quick=False) -> float:
-    """Median milliseconds."""
+_FLUSH = None
+
+
+def bench(fn, calls: int = 20) -> float:
+    """GPU milliseconds per call of ``fn`` with a cold L2 and no host time (see the module docstring)."""
+    global _FLUSH
     if DEVICE == "cpu":
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
-    return do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median")
+    if _FLUSH is None:
+        _FLUSH = torch.empty(2**26, dtype=torch.int32, device="cuda")  # 256 MiB, larger than L2
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (compiles, allocator)
+        fn()
+        _FLUSH.zero_()
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for with_fn in (True, False):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                _FLUSH.zero_()
+                if with_fn:
+                    fn()
+        graphs.append(g)
+    times = []
+    for g in graphs:
+        g.replay()
+        torch.cuda.synchronize()
+        runs = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            runs.append(start.elapsed_time(end))
+        times.append(sorted(runs)[2])
+    return max(times[0] - times[1], 1e-6) / calls
 
 
 def rel_err(out, ref) -> float:
@@ -122,11 +154,12 @@ def launch(name, prob, out, cfg, features):
                ks, vs)
 
 
-def heuristic(prob, num_kv_splits=None):
+def heuristic(prob, name, num_kv_splits=None):
+    """The public launcher's config for this problem and cache dtype."""
     tables, seq_lens, _ = prob["meta"]
     q = prob["query"]
     return pa._choose_config(q.shape[0], seq_lens.shape[0], prob["max_q"], HKV, HQ // HKV, D, q.element_size(),
-                             tables.shape[1] * BS, pa._num_sms(q.device), num_kv_splits)
+                             tables.shape[1] * BS, pa._num_sms(q.device), num_kv_splits, name != "bf16")
 
 
 def check(gen) -> list[dict]:
@@ -155,7 +188,7 @@ def check(gen) -> list[dict]:
                                                 scale=scale, **kw)
         for name in VARIANTS:
             out = torch.full_like(prob["query"], float("nan"))
-            cfg = heuristic(prob, splits)
+            cfg = heuristic(prob, name, splits)
             tables_, seq_lens_, qsl_ = prob["meta"]
             k, v, ks, vs = (*prob["bf16"], None, None) if name == "bf16" else prob["fp8"]
             c = pa._Config(cfg.block_m, cfg.tile, cfg.num_warps, cfg.num_stages, cfg.num_splits, cfg.heads_first,
@@ -183,52 +216,46 @@ def timings(gen, deadline: float) -> tuple[list[dict], list[dict]]:
         for ctx in CONTEXTS:
             prob = make_problem([(ctx, 1)] * batch, gen)
             out = torch.empty_like(prob["query"])
-            cfg = heuristic(prob)
-            bf16_bytes = 2 * batch * ctx * HKV * D * 2
-            fp8_bytes = 2 * batch * ctx * HKV * (D + 4)
-            row = dict(batch=batch, ctx=ctx, splits=cfg.num_splits, tile=cfg.tile, warps=cfg.num_warps,
-                       stages=cfg.num_stages)
-            ref = None
+            nbytes = dict(bf16=2 * batch * ctx * HKV * D * 2, fp8=2 * batch * ctx * HKV * (D + 4))
+            row = dict(batch=batch, ctx=ctx)
+            best = {}  # "bf16" / "fp8" -> (us, tag)
             for name in VARIANTS:
-                fn = lambda name=name: launch(name, prob, out, cfg, (None, None, None))  # noqa: E731
-                fn()
-                if name == "fp8-old":
-                    ref = out.clone()
-                elif name.startswith("fp8") and ref is not None:
-                    row[f"{name}_vs_old"] = rel_err(out, ref)
+                cfg = heuristic(prob, name)
+                fn = lambda name=name, cfg=cfg: launch(name, prob, out, cfg, (None, None, None))  # noqa: E731
                 ms = bench(fn)
-                nbytes = bf16_bytes if name == "bf16" else fp8_bytes
-                row[f"{name}_us"] = ms * 1e3
-                row[f"{name}_gbs"] = nbytes / ms / 1e6
+                kind = "bf16" if name == "bf16" else "fp8"
+                tag = f"{name} t{cfg.tile} w{cfg.num_warps} s{cfg.num_stages} x{cfg.num_splits}"
+                row.update({f"{name}_us": ms * 1e3, f"{name}_gbs": nbytes[kind] / ms / 1e6, f"{name}_config": tag})
+                best[kind] = min(best.get(kind, (float("inf"), "")), (ms * 1e3, tag))
             for name in FP8_NAMES:
                 row[f"{name}_ratio"] = row[f"{name}_us"] / row["bf16_us"]
-            here = f"t{cfg.tile} w{cfg.num_warps} s{cfg.num_stages} x{cfg.num_splits}"
-            best = min((row[f"{n}_us"], f"{n} {here}") for n in ("fp8-new", "fp8-kv"))
-            candidates = [(n, pa._Config(cfg.block_m, t, w, st, cfg.num_splits)) for n, t, w, st in SWEEP]
+            fp8_cfg = heuristic(prob, "fp8")
+            candidates = [(n, pa._Config(fp8_cfg.block_m, t, w, st, fp8_cfg.num_splits)) for n, t, w, st in SWEEP]
             if batch == 16:
-                candidates += [("fp8-new", pa._Config(cfg.block_m, cfg.tile, cfg.num_warps, cfg.num_stages, sp))
-                               for sp in SWEEP_SPLITS_B16]
+                candidates += [(n, pa._Config(fp8_cfg.block_m, fp8_cfg.tile, fp8_cfg.num_warps, fp8_cfg.num_stages, sp))
+                               for n in ("fp8", "fp8-kv") for sp in SWEEP_SPLITS_B16]
             for name, c in candidates:
                 if time.time() > deadline:
                     break
                 fn = lambda name=name, c=c: launch(name, prob, out, c, (None, None, None))  # noqa: E731
                 try:
-                    fn()
-                    ms = bench(fn, quick=True)
+                    ms = bench(fn)
                 except Exception as exc:  # a config that does not compile (registers, shared memory)
-                    print(f"   sweep {c}: failed {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                    print(f"   sweep {name} {c}: failed {type(exc).__name__}: {str(exc)[:100]}", flush=True)
                     continue
+                kind = "bf16" if name == "bf16" else "fp8"
                 tag = f"{name} t{c.tile} w{c.num_warps} s{c.num_stages} x{c.num_splits}"
-                sweeps.append(dict(batch=batch, ctx=ctx, config=tag, us=ms * 1e3, gbs=fp8_bytes / ms / 1e6))
-                if ms * 1e3 < best[0]:
-                    best = (ms * 1e3, tag)
-            row["best_us"], row["best_config"] = best
-            row["best_ratio"] = best[0] / row["bf16_us"]
+                sweeps.append(dict(batch=batch, ctx=ctx, config=tag, us=ms * 1e3, gbs=nbytes[kind] / ms / 1e6))
+                best[kind] = min(best[kind], (ms * 1e3, tag))
+            for kind in ("bf16", "fp8"):
+                row[f"best_{kind}_us"], row[f"best_{kind}_config"] = best[kind]
+            row["best_ratio"] = best["fp8"][0] / best["bf16"][0]
             rows.append(row)
             print(f"B={batch:4d} ctx={ctx:5d}: bf16 {row['bf16_us']:8.1f} us {row['bf16_gbs']:6.0f} GB/s | "
                   + " | ".join(f"{n} {row[n + '_us']:8.1f} us {row[n + '_gbs']:6.0f} GB/s x{row[n + '_ratio']:.2f}"
                                for n in FP8_NAMES)
-                  + f" | best {best[0]:.1f} us ({best[1]})", flush=True)
+                  + f" | best fp8 {best['fp8'][0]:.1f} us ({best['fp8'][1]}), best bf16 {best['bf16'][0]:.1f} us "
+                  f"({best['bf16'][1]})", flush=True)
             del prob, out
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
@@ -236,16 +263,17 @@ def timings(gen, deadline: float) -> tuple[list[dict], list[dict]]:
 
 
 def render(rows) -> str:
-    """us, GB/s and time / bf16 time per variant; the best sweep entry last."""
+    """us, GB/s and time / bf16 time per variant (launcher configs), then the best of the sweep."""
     head = f"{'batch':>5s} {'ctx':>5s} {'bf16 us':>8s} {'GB/s':>5s}"
     for n in FP8_NAMES:
-        head += f" | {n + ' us':>11s} {'GB/s':>5s} {'/bf16':>5s}"
-    lines = [head + f" | {'best us':>8s} {'/bf16':>5s} config"]
+        head += f" | {n + ' us':>12s} {'GB/s':>5s} {'/bf16':>5s}"
+    lines = [head + " | best fp8 us / best bf16 us = ratio (configs)"]
     for r in rows:
         line = f"{r['batch']:5d} {r['ctx']:5d} {r['bf16_us']:8.1f} {r['bf16_gbs']:5.0f}"
         for n in FP8_NAMES:
-            line += f" | {r[n + '_us']:11.1f} {r[n + '_gbs']:5.0f} {r[n + '_ratio']:5.2f}"
-        lines.append(line + f" | {r['best_us']:8.1f} {r['best_ratio']:5.2f} {r['best_config']}")
+            line += f" | {r[n + '_us']:12.1f} {r[n + '_gbs']:5.0f} {r[n + '_ratio']:5.2f}"
+        lines.append(line + f" | {r['best_fp8_us']:.1f} / {r['best_bf16_us']:.1f} = {r['best_ratio']:.2f} "
+                     f"({r['best_fp8_config']}; {r['best_bf16_config']})")
     return "\n".join(lines)
 
 

@@ -177,6 +177,28 @@ def token_agreement(a: list[list[int]], b: list[list[int]], first: int = 16) -> 
                 mean_common_prefix=sum(prefix) / len(prefix), first_token_same=sum(p >= 1 for p in prefix) / len(prefix))
 
 
+@torch.no_grad()
+def first_step_logprobs(model, prompts: list[list[int]]) -> torch.Tensor:
+    """[len(prompts), vocab] float32 log-probabilities of the first generated token (stock forward)."""
+    device = next(model.parameters()).device
+    return torch.stack([torch.log_softmax(model(torch.tensor([p], device=device)).logits[0, -1].float(), -1)
+                        for p in prompts])
+
+
+def logprob_agreement(ref: torch.Tensor, other: torch.Tensor) -> dict:
+    """How far ``other``'s first-step distribution is from ``ref``'s, per prompt then averaged."""
+    top1 = ref.argmax(-1)
+    rows = torch.arange(ref.shape[0])
+    centered = ref - ref.mean(-1, keepdim=True)
+    return dict(
+        prompts=ref.shape[0],
+        top1_same=(other.argmax(-1) == top1).float().mean().item(),
+        top1_logprob_diff_mean=(other[rows, top1] - ref[rows, top1]).abs().mean().item(),
+        logprob_diff_max=(other - ref).abs().max().item(),
+        logit_rel_l2=((other - other.mean(-1, keepdim=True) - centered).norm(dim=-1) / centered.norm(dim=-1)).mean().item(),
+    )
+
+
 def section_weights(model, args, rows):
     on_cuda = args.device.startswith("cuda")
     kind = args.fp8_weights
@@ -192,6 +214,8 @@ def section_weights(model, args, rows):
                num_blocks=blocks, max_num_seqs=args.max_num_seqs)
     base["weights_gib"] = bf16_gib
     rows.append(base)
+    probe = prompts[: args.logprob_prompts]
+    ref_lp = first_step_logprobs(model, probe)
     free_memory(args.device)
     before = torch.cuda.memory_allocated() if on_cuda else 0
     t0 = time.perf_counter()
@@ -212,10 +236,15 @@ def section_weights(model, args, rows):
               num_blocks=blocks, max_num_seqs=args.max_num_seqs)
     row.update(weights_gib=fp8_gib, load_s=load_s, weight_class=type(weight).__name__, stored_dtype=str(stored.dtype),
                speedup_vs_bf16=row["out_tok_s"] / base["out_tok_s"],
-               agreement=token_agreement(base["tokens"], row["tokens"]))
+               agreement=token_agreement(base["tokens"], row["tokens"]),
+               first_step=logprob_agreement(ref_lp, first_step_logprobs(fp8, probe)))
     print(f"  FP8 / bf16 throughput x{row['speedup_vs_bf16']:.2f}; greedy tokens: first token same in "
           f"{row['agreement']['first_token_same']:.0%} of prompts, first 16 same in {row['agreement']['same_first']:.0%}, "
           f"mean common prefix {row['agreement']['mean_common_prefix']:.1f} of {args.weights_new_tokens}", flush=True)
+    fs = row["first_step"]
+    print(f"  first generated token, {fs['prompts']} prompts, stock forward: top-1 same {fs['top1_same']:.0%}, "
+          f"|logprob diff| of the bf16 top-1 {fs['top1_logprob_diff_mean']:.4f} (mean), max over the vocabulary "
+          f"{fs['logprob_diff_max']:.4f}, centred-logit relative L2 error {fs['logit_rel_l2']:.4f}", flush=True)
     rows.append(row)
     del base["tokens"], row["tokens"]
     del fp8
@@ -301,6 +330,7 @@ def main() -> int:
     p.add_argument("--weights-pool-gib", type=float, default=16.0)
     p.add_argument("--weights-prompts", type=int, default=128)
     p.add_argument("--weights-new-tokens", type=int, default=128)
+    p.add_argument("--logprob-prompts", type=int, default=16, help="prompts for the first-step logprob comparison")
     p.add_argument("--fp8-weights", default="dynamic", choices=("dynamic", "weight-only"),
                    help="torchao float8 config: FP8 weights and activations (dynamic) or FP8 weights only")
     # swap: long prompts into a small pool

@@ -124,7 +124,7 @@ def _softmax_step(
     scale_log2, softcap_log2, sliding_window,
     MASKED: tl.constexpr,  # False: every (row, key) of the tile is visible, skip the mask
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, V_SCALE_ON_P: tl.constexpr, F16_DOT: tl.constexpr,  # see the module docstring
+    KV_FP8: tl.constexpr, F16_DOT: tl.constexpr,  # see the module docstring
 ):
     """One online-softmax update with a tile of keys (shared by every loop and launch mode)."""
     s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, TILE] fp32
@@ -160,7 +160,7 @@ def _softmax_step(
         acc = tl.dot(p16, v, acc * (alpha * (v_ref / v_max))[:, None], input_precision=DOT_PRECISION)
         v_ref = v_max
     else:
-        if KV_FP8 and V_SCALE_ON_P:
+        if KV_FP8:  # fp32 queries: K/V converted to fp32, value scales on the probabilities
             p = p * v_scale[None, :]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i, v_ref
@@ -182,7 +182,7 @@ def _attend_tiles(
     HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
     MASKED: tl.constexpr,  # False: every (row, key) of these tiles is visible, skip all masks
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr, V_SCALE_ON_P: tl.constexpr, F16_DOT: tl.constexpr, PTX_CVT: tl.constexpr,
+    KV_FP8: tl.constexpr, F16_DOT: tl.constexpr, PTX_CVT: tl.constexpr,
 ):
     """Accumulate tiles ``[tile_begin, tile_end)``; Triton's pipeliner overlaps the loads (``num_stages``).
     Physical offsets are 64-bit: block_id * stride_kb can pass 2^31 elements on big pools."""
@@ -226,18 +226,15 @@ def _attend_tiles(
                     v = _e4m3_to_f16_ptx(v)
                 else:
                     v = v.to(tl.float16)
-            elif V_SCALE_ON_P:
-                kt = kt.to(q.dtype)
-                v = v.to(q.dtype)
             else:
                 kt = kt.to(q.dtype)
-                v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
+                v = v.to(q.dtype)
         else:
             k_scale = kv_start  # unused
             v_scale = kv_start
         acc, m_i, l_i, v_ref = _softmax_step(acc, m_i, l_i, v_ref, q, kt, v, k_scale, v_scale, j, pos, scale_log2,
                                       softcap_log2, sliding_window, MASKED, USE_SOFTCAP, USE_WINDOW,
-                                      DOT_PRECISION, KV_FP8, V_SCALE_ON_P, F16_DOT)
+                                      DOT_PRECISION, KV_FP8, F16_DOT)
     return acc, m_i, l_i, v_ref
 
 
@@ -286,8 +283,7 @@ def _paged_attention_kernel(
     USE_SINKS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,  # e4m3 caches with per-(token, KV head) scales
-    V_SCALE_ON_P: tl.constexpr,  # FP8 without F16_DOT: value scales multiply P (False: the value tile)
-    F16_DOT: tl.constexpr,  # FP8: K/V tiles become fp16 and both dots run in fp16 (16-bit queries)
+    F16_DOT: tl.constexpr,  # FP8, 16-bit queries: K/V tiles become fp16, both dots run in fp16 (else fp32)
     PTX_CVT: tl.constexpr,  # F16_DOT on CUDA, tiles converted by _e4m3_to_f16_ptx: 0 none, 1 V, 2 K and V
 ):
     # Reverse order: the last q-blocks of a row see the most keys, start them first.
@@ -377,21 +373,20 @@ def _paged_attention_kernel(
             tl.minimum(t_end, full_lo), kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
             stride_ksb, stride_kss, stride_vsb, stride_vss, scale_log2, softcap_log2, sliding_window,
             HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8,
-            V_SCALE_ON_P, F16_DOT, PTX_CVT,
+            F16_DOT, PTX_CVT,
         )
     acc, m_i, l_i, v_ref = _attend_tiles(  # tiles every row sees in full
         acc, m_i, l_i, v_ref, q, pos, k_base, v_base, ks_base, vs_base, bt_row, tl.maximum(t_begin, full_lo),
         tl.minimum(t_end, full_hi), kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs,
         stride_ksb, stride_kss, stride_vsb, stride_vss, scale_log2, softcap_log2, sliding_window,
         HEAD_DIM, HEAD_PAD, BLOCK_SIZE, TILE, False, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8,
-        V_SCALE_ON_P, F16_DOT, PTX_CVT,
+        F16_DOT, PTX_CVT,
     )
     acc, m_i, l_i, v_ref = _attend_tiles(  # tiles cut by the causal diagonal (and the sequence end)
         acc, m_i, l_i, v_ref, q, pos, k_base, v_base, ks_base, vs_base, bt_row, tl.maximum(t_begin, full_hi),
         t_end, kv_start, kv_end, stride_kb, stride_ks, stride_vb, stride_vs, stride_ksb, stride_kss,
         stride_vsb, stride_vss, scale_log2, softcap_log2, sliding_window, HEAD_DIM, HEAD_PAD,
-        BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8, V_SCALE_ON_P, F16_DOT,
-        PTX_CVT,
+        BLOCK_SIZE, TILE, True, USE_SOFTCAP, USE_WINDOW, DOT_PRECISION, KV_FP8, F16_DOT, PTX_CVT,
     )
 
     # l == 0 only when a row saw no key (and no sink): its output is exactly 0.
@@ -461,8 +456,7 @@ class _Config:
     num_stages: int  # Triton's software pipelining depth
     num_splits: int  # KV splits per (q-block, KV head); 1 = no merge kernel
     heads_first: bool = True  # grid axis 0 = KV heads
-    fp8_f16_dot: bool = True  # FP8 caches, 16-bit queries: fp16 dots (False: dots in the query dtype)
-    fp8_ptx_cvt: int = 1  # with fp8_f16_dot on CUDA, tiles converted by inline PTX: 0 none, 1 V, 2 K and V
+    fp8_ptx_cvt: int = 1  # FP8, 16-bit queries, CUDA: tiles converted by inline PTX: 0 none, 1 V, 2 K and V
 
 
 _MAX_SPLITS = 64
@@ -487,16 +481,23 @@ def _choose_config(
     max_kv_len: int,  # capacity bound from block_tables' width, not the real lengths
     num_sms: int,
     num_kv_splits: int | None,
+    kv_fp8: bool = False,  # FP8 cache with 16-bit queries (fp16 dots)
 ) -> _Config:
     """Launch config from shapes only (hot path: no device reads).
 
     Tuned by the sweep in benchmarks/gpu_kernels.py on one H200 (torch 2.11, Triton 3.6), 2026-11-21, for
-    32 q / 8 kv heads, head_dim 128, bf16; readings in benchmarks/KERNELS_NOTES.md.
+    32 q / 8 kv heads, head_dim 128, bf16; readings in benchmarks/KERNELS_NOTES.md. FP8 decode: by the
+    sweep in benchmarks/gpu_fp8_kernels.py (same machine and shapes).
     """
     decode_m = max(16, triton.next_power_of_2(group))
     decode = max_query_len * group <= decode_m  # every row fits in one small q tile: decode / spec-decode
     if decode:  # memory-bound: small q tile; 64-key tiles, 4 warps, 2 stages won or tied at every batch
         block_m, tile, num_warps, num_stages = decode_m, 64 if head_dim * elem_bytes <= 256 else 32, 4, 2
+        if kv_fp8 and head_dim <= 128:
+            # 2 warps: FP8 tiles cost conversions, and each warp holds the whole q tile and takes part in
+            # every row's cross-warp max/sum, so fewer warps per program do less of that per key
+            # (0.81-0.85x of bf16's time at batch >= 64 against 1.15-1.5x with 4 warps)
+            num_warps = 2
     else:  # prefill or mixed batch: compute-bound, Triton's pipeliner feeds the tensor cores
         block_m = max(128 if head_dim <= 128 else 64, triton.next_power_of_2(group))
         tile, num_warps, num_stages = (64, 8, 3) if head_dim <= 128 else (32, 8, 2)
@@ -581,6 +582,7 @@ def paged_attention(
         max_kv_len=block_tables.shape[1] * block_size,
         num_sms=_num_sms(query.device),
         num_kv_splits=num_kv_splits,
+        kv_fp8=kv_fp8 and query.dtype != torch.float32,
     )
     _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, max(max_query_len, 1),
             scale, sliding_window, softcap, sinks, out, cfg, k_scale if kv_fp8 else None,
@@ -616,7 +618,7 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
     num_q_programs = num_seqs * per_row if row_grid else searched
     split = cfg.num_splits > 1
     kv_fp8 = k_scale is not None
-    f16_dot = kv_fp8 and query.dtype != torch.float32 and cfg.fp8_f16_dot
+    f16_dot = kv_fp8 and query.dtype != torch.float32
     if split:
         part_out = torch.empty(num_tokens, num_q_heads, cfg.num_splits, head_dim, device=query.device,
                                dtype=torch.float32)
@@ -677,7 +679,6 @@ def _launch(query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, ma
         # fp32 inputs: exact fp32 products rather than tf32, so fp32 results match the reference.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         KV_FP8=kv_fp8,
-        V_SCALE_ON_P=query.dtype != torch.float16,
         F16_DOT=f16_dot,
         PTX_CVT=cfg.fp8_ptx_cvt if f16_dot and query.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" else 0,
         num_warps=cfg.num_warps,

@@ -133,24 +133,33 @@ def test_paged_attention_fp8_matches_reference(rows, group, head_dim, features, 
 
 
 @pytest.mark.parametrize("q_gain", [1.0, 2.0**17], ids=["q~1", "q~2^17"])
-# bf16 tl.dot is wrong under this Triton's interpreter (bf16 caches too), so the bf16-dot variant runs on GPUs only
-@pytest.mark.parametrize("f16_dot", [True, False] if ON_GPU else [True], ids=["fp16-dots", "bf16-dots"][: 2 if ON_GPU else 1])
-def test_paged_attention_fp8_bf16_queries(q_gain, f16_dot):
-    """bf16 queries on FP8 caches, both kernel variants. The default one runs its dots in fp16: queries
-    past fp16's range (2^17 here) are scaled down by a power of 2 first, and must not overflow."""
+def test_paged_attention_fp8_bf16_queries(q_gain):
+    """bf16 queries on FP8 caches: the dots run in fp16, so queries past fp16's range (2^17 here) are
+    scaled down by a power of 2 first and must not overflow. Through the public launcher (FP8 decode
+    config) and a forced split."""
     prob = make_problem(ROWS["decode"] + [(40, 7)], num_q_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32,
                         seed=11)
     query = (prob.query * q_gain).to(torch.bfloat16)
     k8, k_scale = kvw.quantize_fp8_reference(prob.k_cache)
     v8, v_scale = kvw.quantize_fp8_reference(prob.v_cache)
     meta = prob.args()[3:]
-    scale = 64**-0.5 / q_gain  # logits of the same size whatever the gain
-    out = torch.full_like(query, float("nan"))
-    cfg = pa._Config(16, 32, 4, 2, 2, fp8_f16_dot=f16_dot)
-    pa._launch(query, k8, v8, *meta[:-1], meta[-1], scale, None, None, None, out, cfg, k_scale, v_scale)
-    ref = pa.paged_attention_reference(query, k8, v8, *meta, scale=scale, k_scale=k_scale, v_scale=v_scale)
+    kwargs = dict(scale=64**-0.5 / q_gain, k_scale=k_scale, v_scale=v_scale)  # logits of the same size
+    ref = pa.paged_attention_reference(query, k8, v8, *meta, **kwargs)
     n = int(prob.query_start_loc[-1])
-    assert_close(out[:n], ref[:n], torch.bfloat16)
+    for splits in (None, 2):
+        out = torch.full_like(query, float("nan"))
+        pa.paged_attention(query, k8, v8, *meta, out=out, num_kv_splits=splits, **kwargs)
+        assert_close(out[:n], ref[:n], torch.bfloat16)
+
+
+def test_fp8_decode_config():
+    """FP8 decode with 16-bit queries launches 2 warps per program (bf16 caches: 4); prefill unchanged."""
+    shape = dict(num_kv_heads=8, group=4, head_dim=128, elem_bytes=2, max_kv_len=4096, num_sms=132, num_kv_splits=None)
+    fp8 = pa._choose_config(num_tokens=64, num_seqs=64, max_query_len=1, kv_fp8=True, **shape)
+    bf16 = pa._choose_config(num_tokens=64, num_seqs=64, max_query_len=1, **shape)
+    assert (fp8.num_warps, bf16.num_warps) == (2, 4) and fp8.tile == bf16.tile == 64
+    prefill = [pa._choose_config(num_tokens=512, num_seqs=1, max_query_len=512, kv_fp8=kv, **shape) for kv in (True, False)]
+    assert prefill[0] == prefill[1]
 
 
 def test_fp8_pool_bookkeeping():
