@@ -177,6 +177,20 @@ def token_agreement(a: list[list[int]], b: list[list[int]], first: int = 16) -> 
                 mean_common_prefix=sum(prefix) / len(prefix), first_token_same=sum(p >= 1 for p in prefix) / len(prefix))
 
 
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers, each storage once; torchao tensor subclasses count
+    their inner tensors (FP8 payload and scales)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        names = getattr(t, "tensor_data_names", None)
+        for inner in [getattr(t, n) for n in names] if names else [t]:
+            key = (inner.data_ptr(), inner.numel())
+            if key not in seen:
+                seen.add(key)
+                total += inner.numel() * inner.element_size()
+    return total
+
+
 @torch.no_grad()
 def first_step_logprobs(model, prompts: list[list[int]]) -> torch.Tensor:
     """[len(prompts), vocab] float32 log-probabilities of the first generated token (stock forward)."""
@@ -209,7 +223,7 @@ def section_weights(model, args, rows):
     prompts = Workload(args.weights_prompts, args.min_len, args.max_len, args.weights_new_tokens, seed=2).prompts(
         model.config.vocab_size)
     blocks = pool_blocks(model, args.weights_pool_gib, "auto")
-    bf16_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    bf16_gib = weight_bytes(model) / 2**30
     base = run(model, prompts, args.weights_new_tokens, args.device, f"weights:{str(model.dtype)[6:]}", keep_tokens=True,
                num_blocks=blocks, max_num_seqs=args.max_num_seqs)
     base["weights_gib"] = bf16_gib
@@ -224,17 +238,17 @@ def section_weights(model, args, rows):
     linear = fp8.model.layers[0].mlp.down_proj
     weight = linear.weight
     stored = getattr(weight, "qdata", weight)
-    if on_cuda:
-        fp8_gib = (torch.cuda.memory_allocated() - before) / 2**30
-    else:  # the FP8 linears' payloads plus everything else in the model's own dtype
-        fp8_gib = sum(getattr(p, "qdata", p).numel() * getattr(p, "qdata", p).element_size() for p in fp8.parameters()) / 2**30
+    # what the FP8 model holds (new allocations alone miss tensors shared with the bf16 model, such as
+    # the embeddings when from_pretrained reuses the given state dict)
+    fp8_gib = weight_bytes(fp8) / 2**30
+    new_gib = (torch.cuda.memory_allocated() - before) / 2**30 if on_cuda else None
     fp8.generation_config.eos_token_id = None
     fp8.generation_config.pad_token_id = 0
     print(f"  FP8 model loaded in {load_s:.1f} s: down_proj weight {type(weight).__name__} storing {stored.dtype}, "
-          f"{fp8_gib:.2f} GiB vs {bf16_gib:.2f} GiB", flush=True)
+          f"{fp8_gib:.2f} GiB vs {bf16_gib:.2f} GiB (new allocations: {new_gib or 0:.2f} GiB)", flush=True)
     row = run(fp8, prompts, args.weights_new_tokens, args.device, f"weights:fp8 ({kind})", keep_tokens=True,
               num_blocks=blocks, max_num_seqs=args.max_num_seqs)
-    row.update(weights_gib=fp8_gib, load_s=load_s, weight_class=type(weight).__name__, stored_dtype=str(stored.dtype),
+    row.update(weights_gib=fp8_gib, new_alloc_gib=new_gib, load_s=load_s, weight_class=type(weight).__name__, stored_dtype=str(stored.dtype),
                speedup_vs_bf16=row["out_tok_s"] / base["out_tok_s"],
                agreement=token_agreement(base["tokens"], row["tokens"]),
                first_step=logprob_agreement(ref_lp, first_step_logprobs(fp8, probe)))
