@@ -76,3 +76,36 @@ def test_continuous_generator_matches_stock_on_quantized_model(quantized):
     assert [r.token_ids for r in results] == refs
     assert gen.pool.allocator.is_whole()
     assert all(0 <= t < VOCAB for r in results for t in r.token_ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 activations (torch._scaled_mm) need a CUDA GPU of compute capability 8.9+")
+def test_torchao_fp8_dynamic_weights_under_the_engine():
+    """The GPU configuration: FP8 weights per output channel with FP8 activations quantized per token
+    (TorchAoConfig(Float8DynamicActivationFloat8WeightConfig(PerRow()))) under ContinuousGenerator, CUDA
+    graphs included: each greedy token is the top-1 of a stock forward of the same quantized model over
+    the generated text, except at near ties, and its logprob matches that forward."""
+    import copy
+
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    base = make_model("llama", dtype=torch.bfloat16, head_dim=64).cuda()
+    config = TorchAoConfig(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    model = type(base).from_pretrained(
+        None, config=copy.deepcopy(base.config), state_dict=base.state_dict(), dtype=torch.bfloat16, device_map="cuda",
+        quantization_config=config,
+    ).eval()
+    assert model.model.layers[0].mlp.up_proj.weight.qdata.dtype == torch.float8_e4m3fn
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 11, 40)]
+    cg = hf_paged.ContinuousGenerator(model, num_blocks=64, progress=False)
+    results = cg.generate(prompts, hf_paged.SamplingParams(max_new_tokens=16, temperature=0, logprobs=0, ignore_eos=True))
+    tol = 0.1  # bf16 activations: the packed forward and a stock forward round differently
+    for p, res in zip(prompts, results):
+        with torch.no_grad():
+            lp = model(torch.tensor([p + res.token_ids], device="cuda")).logits[0, len(p) - 1 : -1].double().log_softmax(-1)
+        for i, (tok, entry) in enumerate(zip(res.token_ids, res.logprobs)):
+            assert abs(entry.logprob - lp[i, tok].item()) < tol
+            top2 = lp[i].topk(2).values
+            assert tok == lp[i].argmax() or top2[0] - top2[1] < 2 * tol
+    assert cg.pool.allocator.is_whole()
