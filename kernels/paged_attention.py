@@ -128,11 +128,13 @@ def _softmax_step(
 ):
     """One online-softmax update with a tile of keys (shared by every loop and launch mode)."""
     s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, TILE] fp32
-    if KV_FP8:
-        s = s * k_scale[None, :]
     if USE_SOFTCAP:
+        if KV_FP8:
+            s = s * k_scale[None, :]
         # softcap * tanh(x / softcap) with x = s * scale, tanh(y) = 2 * sigmoid(2y) - 1, in base 2.
         s = softcap_log2 * (2.0 * tl.sigmoid((2.0 * scale_log2 / softcap_log2) * s) - 1.0)
+    elif KV_FP8:
+        s = s * (k_scale * scale_log2)[None, :]  # one multiply per logit: the scales fold per key first
     else:
         s = s * scale_log2
     if MASKED:
