@@ -1,9 +1,9 @@
-"""``compile="decode" | "all"``: the engine's forward through ``torch.compile`` around the opaque paged ops.
+"""``compile="decode" | "all"``: the decoder layers through ``torch.compile`` around the opaque paged ops.
 
 Checked on CPU with Inductor (it generates C++ here) on tiny float64 models: greedy tokens identical
-to the eager engine and to stock ``generate`` on each prompt alone, logprobs within 1e-6,
-the padded decode-graph path compiled, no graph break anywhere in the forward (so none inside a
-decoder layer: the attention and the K/V write are single custom-op nodes), and the custom ops
+to the eager engine and to stock ``generate`` on each prompt alone, logprobs within 1e-6, the padded
+decode-graph path compiled, no graph break inside the compiled decoder layers (the attention and the
+K/V write are single custom-op nodes), one graph for all steps and layers, and the custom ops
 themselves against their contract (``torch.library.opcheck``: schema, fake tensors, declared mutation).
 """
 
@@ -17,6 +17,7 @@ from models import VOCAB, make_model
 
 from hf_paged import ContinuousGenerator, SamplingParams
 from hf_paged.engine.cuda_graphs import DecodeGraphs
+from hf_paged.engine.fusion import CompiledLayers
 from hf_paged.integration import attention  # registers the ops
 from hf_paged.memory.kv_pool import KVLayout, KVPool
 from hf_paged.memory.metadata import build_step_metadata
@@ -58,8 +59,10 @@ def assert_same_results(got, want, label):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2"])  # gemma2: sliding window and softcap through the op
-def test_compiled_steps_match_eager_and_stock_generate(name):
+# Graphs compiled: one per kind of layer (gemma2 alternates sliding-window and full-attention layers, and
+# passes the window and softcap through the op), whatever the depth, batch size or prompt length.
+@pytest.mark.parametrize("name, graphs", [("llama", 1), ("qwen2", 1), ("gemma2", 2)])
+def test_compiled_steps_match_eager_and_stock_generate(name, graphs):
     model, stock = model_and_stock(name)
     eager = ContinuousGenerator(model, progress=False, num_blocks=64).generate(prompts(), PARAMS)
     torch._dynamo.reset()
@@ -68,11 +71,11 @@ def test_compiled_steps_match_eager_and_stock_generate(name):
     compiled = gen.generate(prompts(), PARAMS)
     alone = gen.generate(prompts()[1:2], PARAMS)[0]  # a batch of one row: prompt, then decode steps
     assert alone.token_ids == stock[1]
-    breaks, graphs = dynamo_counters()
+    breaks, compiled_graphs = dynamo_counters()
     assert breaks == {}, f"graph breaks in the compiled forward: {breaks}"
-    # One graph for every step, prompts and decodes, batches of 4 down to 1 (padded to 2: sizes of 1
-    # would specialize into a second graph).
-    assert graphs == 1
+    # The same graphs for every step, prompts and decodes, batches of 4 down to 1 (padded to 2: a size of
+    # 1 would specialize into new graphs) and every layer (its index is a symbol, not a constant).
+    assert compiled_graphs == graphs
     assert gen.runner.compile_seconds > 0
     assert_same_results(compiled, eager, f"{name} compiled")
     for i, (res, ref) in enumerate(zip(compiled, stock)):
@@ -100,6 +103,17 @@ def test_compiled_padded_decode_graph_path():
     breaks, graphs = dynamo_counters()
     assert breaks == {} and graphs == 1  # padded batches of 2 and 8 rows share one dynamic graph
     assert gen.pool.allocator.is_whole()
+    # The compiled layer forwards are swapped in only during the engine's steps.
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+
+
+def test_compile_needs_a_list_of_decoder_layers():
+    class NoLayers(torch.nn.Module):
+        config = make_model("llama").config
+
+    with pytest.raises(ValueError, match="compile needs the model's decoder layers"):
+        CompiledLayers(NoLayers())
+    assert len(CompiledLayers(make_model("qwen2")).layers) == 2
 
 
 def test_compile_option_is_checked():

@@ -1,4 +1,5 @@
-"""Fused norms and MLPs for paged steps: ``torch.compile`` of the model's own RMSNorm and MLP modules.
+"""Compiled modules for paged steps: the model's RMSNorm and MLP modules (``ElementwiseFusion``), or its
+whole decoder layers (``CompiledLayers``, the engine's ``compile`` option).
 
 The H200 profile (benchmarks/RESULTS.md, "Where the time goes") puts 25-30% of a decode step in HF's
 eager elementwise kernels: an RMSNorm is six launches (cast, square, mean, rsqrt, two multiplies), an
@@ -13,6 +14,7 @@ new packed length does not recompile.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import Any
@@ -53,3 +55,80 @@ class ElementwiseFusion:
             if self._active == 0:
                 for m in self.modules:
                     del m.forward
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated decoder layers: the ``ModuleList`` holding ``num_hidden_layers`` modules."""
+    num_layers = model.config.get_text_config().num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return list(module)
+    return []
+
+
+class CompiledLayers:
+    """Context manager: while active, the model's decoder layers run ``torch.compile`` of their own forward.
+
+    Why layers and not the whole model: the layers are identical code with different weights, so one
+    compiled graph serves all of them (their integer attributes, such as ``layer_idx``, are traced as
+    symbols, see ``compile_config``): compile time does not grow with depth (32 layers compiled in a sixth
+    of the whole model's time on CPU). The paged attention and K/V write inside a layer are opaque custom
+    ops, so a layer traces without graph breaks and Inductor fuses its norms, residual adds, RoPE,
+    SiLU-mul and casts. What runs outside the layers (embedding, RoPE tables, final norm, LM head) stays
+    eager: a few kernels per step. Same swapping as ``ElementwiseFusion``: only inside ``with``.
+    """
+
+    def __init__(self, model: torch.nn.Module, backend: str = "inductor") -> None:
+        self.layers = decoder_layers(model)
+        if not self.layers:
+            raise ValueError(
+                f"compile needs the model's decoder layers as one ModuleList of num_hidden_layers modules; "
+                f"{type(model).__name__} has none (use compile='off')"
+            )
+        self.backend = backend
+        self._lock = threading.Lock()
+        self._active = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._active == 0:
+                for m in self.layers:
+                    m.forward = functools.partial(_compiled_layer(type(m), self.backend), m)
+            self._active += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                for m in self.layers:
+                    del m.forward
+
+
+@functools.cache
+def _compiled_layer(cls: type, backend: str) -> Any:
+    # dynamic=True: rows, tokens, block-table width and kept rows are symbols (the runner keeps each >= 2,
+    # so none specializes to 1), so new batch sizes and prompt lengths do not recompile.
+    return torch.compile(cls.forward, dynamic=True, backend=backend)
+
+
+def compile_config() -> Any:
+    """Settings for tracing the layers (a context manager, entered around each compiled forward):
+
+    - integer attributes of modules (``layer_idx``, ...) as symbols, not constants: one graph for all
+      layers (without this torch specializes each layer, and would recompile past its recompile limit);
+    - no "duck" sizing: sizes that happen to be equal when the graph is traced (a decode step's rows,
+      tokens and kept logits) must not become one symbol, which a prompt step would then break.
+    Settings a torch version does not have are left out.
+    """
+    import torch._dynamo.config as dynamo_config
+    import torch.fx.experimental._config as fx_config
+
+    stack = contextlib.ExitStack()
+    if hasattr(dynamo_config, "allow_unspec_int_on_nn_module"):
+        stack.enter_context(dynamo_config.patch(allow_unspec_int_on_nn_module=True))
+    else:  # older torch: one graph per layer; let all of them compile
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        stack.enter_context(dynamo_config.patch(**{name: 256}))
+    if hasattr(fx_config, "use_duck_shape"):
+        stack.enter_context(fx_config.patch(use_duck_shape=False))
+    return stack

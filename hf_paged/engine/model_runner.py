@@ -6,11 +6,12 @@ attention function reads the step's block tables and lengths from the cache (``s
 tiny dummy 4D ``attention_mask`` makes transformers return it as-is instead of building one
 (``masking_utils._preprocess_mask_arguments``: "If the mask is already 4D, simply return as-is").
 
-Compiled steps (``compile="decode"`` or ``"all"``) run the same forward through ``torch.compile`` of the
-model. Under compilation the K/V write and the attention are the custom ops ``hf_paged::write_kv`` and
-``hf_paged::paged_attention`` (``integration/attention.py``), so Dynamo traces each decoder layer whole
-and Inductor fuses the elementwise work between the two attention ops (norms, residual adds, RoPE,
-SiLU-mul, casts); decode graphs capture the compiled forward. The eager forward stays the reference.
+Compiled steps (``compile="decode"`` or ``"all"``) run the same forward with the decoder layers through
+``torch.compile`` (``fusion.CompiledLayers``). Under compilation the K/V write and the attention are the
+custom ops ``hf_paged::write_kv`` and ``hf_paged::paged_attention`` (``integration/attention.py``), so
+Dynamo traces each decoder layer whole and Inductor fuses the elementwise work around them (norms,
+residual adds, RoPE, SiLU-mul, casts); decode graphs capture the compiled forward. The eager forward
+stays the reference.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx.experimental._config  # use_duck_shape, patched for compiled forwards
 
 from ..integration.attention import CACHE_KWARG, active_cache, implementation_switch
 from ..integration.cache import PagedCache
 from ..integration.tensor_parallel import kv_heads_per_rank
 from .cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs
-from .fusion import ElementwiseFusion
+from .fusion import CompiledLayers, ElementwiseFusion, compile_config
 from ..memory.kv_pool import KVLayout, KVPool
 from ..memory.metadata import StepMetadata, build_step_metadata
 from .scheduler import ScheduledBatch
@@ -126,7 +126,7 @@ class ModelRunner:
         fuse_elementwise: run the model's RMSNorm / MLP modules compiled (``fusion.py``; CUDA only).
         compile: "off", "decode" (decode steps and their CUDA graphs run ``torch.compile`` of the model)
             or "all" (every step does).
-        compile_backend: ``torch.compile``'s backend ("inductor" fuses; tests also use "aot_eager").
+        compile_backend: ``torch.compile``'s backend ("inductor" fuses; "aot_eager" traces without generating code).
     """
 
     def __init__(
@@ -157,10 +157,10 @@ class ModelRunner:
         use_fusion = fuse_elementwise and self.device.type == "cuda" and compile == "off"
         self.fusion = ElementwiseFusion(model) if use_fusion else contextlib.nullcontext()
         self.compile_mode = compile
-        self.compile_backend = compile_backend
-        self._compiled_model: Any = None  # built on the first compiled step
+        # Checked here, before any step: a model without a list of decoder layers is refused.
+        self._compiled_layers = CompiledLayers(model, compile_backend) if compile != "off" else None
         if compile != "off":
-            # The pool's shape never changes: static sizes keep its views' offsets constants in the graph.
+            # The pool's shape never changes: static sizes keep its views' offsets simple in the graph.
             for t in (pool.kv, pool.scales):
                 if t is not None:
                     torch._dynamo.mark_static(t)
@@ -275,19 +275,16 @@ class ModelRunner:
         through ``torch.compile`` (same computation, fused elementwise kernels).
         """
         self.cache.set_step(step)
-        model, extra = self.model, {}
-        shapes: Any = contextlib.nullcontext()
+        extra = {}
+        layers: Any = contextlib.nullcontext()
+        settings: Any = contextlib.nullcontext()
         if compiled:
-            model = self._compiled()
+            layers, settings = self._compiled_layers, compile_config()
             extra = {CACHE_KWARG: self.cache}  # the ContextVar below is invisible to Dynamo
             frames = _compile_frames()
             start = time.perf_counter()
-            # No "duck" sizing: sizes that happen to be equal when a graph is traced (a decode step's
-            # rows, tokens and kept logits) must not become one symbol, which a prompt step would break.
-            if hasattr(torch.fx.experimental._config, "use_duck_shape"):
-                shapes = torch.fx.experimental._config.patch(use_duck_shape=False)
-        with torch.inference_mode(), self.switch, self.fusion, active_cache(self.cache), shapes:
-            out = model(
+        with torch.inference_mode(), self.switch, self.fusion, active_cache(self.cache), layers, settings:
+            out = self.model(
                 input_ids=input_ids,
                 position_ids=position_ids,
                 attention_mask=self.dummy_mask,
@@ -299,13 +296,6 @@ class ModelRunner:
         if compiled and _compile_frames() != frames:  # this call compiled: count it as startup time
             self.compile_seconds += time.perf_counter() - start
         return out.logits[0]
-
-    def _compiled(self) -> Any:
-        if self._compiled_model is None:
-            # dynamic=True: symbolic rows, tokens, table width and kept rows (all >= 2, see run()), so
-            # new batch sizes and prompt lengths do not recompile.
-            self._compiled_model = torch.compile(self.model, dynamic=True, backend=self.compile_backend)
-        return self._compiled_model
 
     def _check_layout_on_first_update(self) -> None:
         """Wrap the cache's ``update`` for one forward to assert the real K/V match the pool's layout."""

@@ -135,7 +135,8 @@ def paged_attention_forward(
         cache = _ACTIVE_CACHE.get()
     if cache is None:
         return _fallback(module, query, key, value, attention_mask, scaling, dropout, sliding_window, softcap, s_aux, kwargs)
-    cache.layer_windows[module.layer_idx] = sliding_window
+    if not torch.compiler.is_compiling():  # (a compiled step always follows an eager one that recorded it)
+        cache.layer_windows[module.layer_idx] = sliding_window
     batch, heads, q_len, head_dim = query.shape
     scale = head_dim**-0.5 if scaling is None else scaling
     want_weights = bool(kwargs.get("output_attentions")) or cache.want_attention_weights
