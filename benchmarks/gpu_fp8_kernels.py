@@ -21,7 +21,8 @@ L2, minus a graph of the writes alone; median of 5 replays): no host launch time
 batches under ``do_bench`` (decode runs in CUDA graphs in the library too). GB/s counts the K/V bytes
 actually read: 2 bytes per element for bf16; 1 byte per element plus the 4-byte scale per token and KV
 head for FP8. The sweep times other tiles / warps / stages (and split counts at batch 16) while
-``--budget`` seconds last. The table comes last.
+``--budget`` seconds last. Prefill (one row, 512 new tokens on 4096 cached, 2048 on none): bf16 vs FP8
+with the launcher's configs, same timing. The decode table comes last.
 
 ``--smoke`` runs the same code on the CPU under the Triton interpreter with tiny shapes and fp16 queries
 (a test of the script, not of speed: the interpreter's bf16 dots are wrong, so bf16 variants FAIL there).
@@ -65,6 +66,7 @@ FP8_NAMES = [n for n in VARIANTS if n != "bf16"]
 # (variant, tile, num_warps, num_stages) timed besides the heuristic config (FP8: t64 w2 s2)
 SWEEP = [("fp8", 64, 2, 3), ("fp8", 32, 2, 2), ("fp8", 32, 1, 2), ("fp8", 128, 4, 2), ("fp8", 64, 4, 2),
          ("fp8-kv", 64, 2, 3), ("fp8-kv", 32, 1, 2), ("fp8-kv", 128, 4, 2), ("bf16", 64, 2, 2), ("bf16", 32, 2, 2)]
+PREFILL = ((512, 4096), (2048, 0))  # (new tokens, cached tokens), one row
 SWEEP_SPLITS_B16 = (2, 8, 16)  # the heuristic picks 4 at batch 16 (fp8 and fp8-kv)
 CHECK_TOL = 1e-2  # relative Frobenius error against the fp32 reference on the same cache (bf16 outputs)
 
@@ -262,6 +264,24 @@ def timings(gen, deadline: float) -> tuple[list[dict], list[dict]]:
     return rows, sweeps
 
 
+def prefill_timings() -> list[dict]:
+    """One row, a chunk of ``new`` tokens on ``cached`` ones: bf16 vs FP8 K/V (launcher configs)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    out_rows = []
+    for new, cached in PREFILL if DEVICE == "cuda" else ((16, 48),):
+        prob = make_problem([(cached + new, new)], gen)
+        out = torch.empty_like(prob["query"])
+        row = dict(new=new, cached=cached)
+        for name in ("bf16", "fp8"):
+            cfg = heuristic(prob, name)
+            row[f"{name}_us"] = bench(lambda: launch(name, prob, out, cfg, (None, None, None))) * 1e3  # noqa: B023
+        row["ratio"] = row["fp8_us"] / row["bf16_us"]
+        out_rows.append(row)
+        print(f"prefill {new} on {cached}: bf16 {row['bf16_us']:.1f} us, fp8 {row['fp8_us']:.1f} us "
+              f"(x{row['ratio']:.2f})", flush=True)
+    return out_rows
+
+
 def render(rows) -> str:
     """us, GB/s and time / bf16 time per variant (launcher configs), then the best of the sweep."""
     head = f"{'batch':>5s} {'ctx':>5s} {'bf16 us':>8s} {'GB/s':>5s}"
@@ -292,12 +312,13 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, torch {torch.__version__}", flush=True)
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     checks = check(gen)
+    prefill = prefill_timings()
     rows, sweeps = timings(gen, t0 + args.budget)
     failed = [c for c in checks if not c["ok"]]
     print(f"total {time.time() - t0:.0f} s; checks: {len(checks) - len(failed)} ok, {len(failed)} FAILED "
           + ", ".join(f"{c['case']}/{c['variant']}" for c in failed), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(checks=checks, rows=rows, sweep=sweeps), indent=1))
+        Path(args.out).write_text(json.dumps(dict(checks=checks, rows=rows, sweep=sweeps, prefill=prefill), indent=1))
     print(render(rows))
     return 1 if failed else 0
 
