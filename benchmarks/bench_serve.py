@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
+import os
 import random
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -99,6 +102,10 @@ class RequestOutcome:
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str | None = None
+    # time.perf_counter() at send and at the end (success or failure). On Linux it is CLOCK_MONOTONIC, one
+    # clock for every process of the machine, so outcomes from several client processes share a time line.
+    sent_at: float = 0.0
+    ended_at: float = 0.0
 
     @property
     def tpot_s(self) -> float | None:
@@ -138,17 +145,17 @@ async def send(client, url: str, body: dict, prompt_tokens: int, chat: bool, tim
                         out.itl_s.append(now - state["last"])
                     state["last"] = now
 
+    out.sent_at = start
     try:
         await asyncio.wait_for(stream(), timeout)
     except asyncio.TimeoutError:
         out.error = f"timed out after {timeout} s"
-        return out
     except Exception as err:  # connection refused / reset: counted as a failed request
         out.error = f"{type(err).__name__}: {err}"[:200]
-        return out
+    out.ended_at = time.perf_counter()
     if out.error:
         return out
-    out.e2e_s = time.perf_counter() - start
+    out.e2e_s = out.ended_at - start
     usage, chunks = state["usage"], state["chunks"]
     if usage is not None:
         out.output_tokens = int(usage.get("completion_tokens", chunks))
@@ -180,37 +187,267 @@ def request_body(args, model: str, prompt: str | list[int]) -> dict:
 
 
 # ---- one rate ------------------------------------------------------------------------------------
-async def run_rate(args, client, url: str, model: str, prompts, lengths, rate: float) -> tuple[list[RequestOutcome], float, int]:
-    """Send every prompt with Poisson arrivals at ``rate`` (bounded by --max-duration); wait for all."""
-    rng = random.Random(args.seed + 1)
-    semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-    chat = args.endpoint == "chat"
-    in_flight = 0
-    peak = 0
-
-    async def one(prompt, n):
-        nonlocal in_flight, peak
-        if semaphore:
-            await semaphore.acquire()
-        in_flight += 1
-        peak = max(peak, in_flight)
-        try:
-            return await send(client, url, request_body(args, model, prompt), n, chat, args.request_timeout)
-        finally:
-            in_flight -= 1
-            if semaphore:
-                semaphore.release()
-
-    tasks = []
-    start = time.perf_counter()
-    for prompt, n in zip(prompts, lengths):
-        if time.perf_counter() - start > args.max_duration:
+def arrival_offsets(num: int, rate: float, seed: int, max_duration: float) -> list[float]:
+    """Seconds after the rate's start at which each request is sent: Poisson arrivals (exponential gaps)
+    at ``rate``, all at 0 for ``inf``; requests that would arrive after ``max_duration`` are not sent."""
+    rng = random.Random(seed + 1)
+    offsets: list[float] = []
+    t = 0.0
+    for _ in range(num):
+        if t > max_duration:
             break
-        tasks.append(asyncio.create_task(one(prompt, n)))
+        offsets.append(t)
         if math.isfinite(rate):
-            await asyncio.sleep(rng.expovariate(rate))
-    outcomes = await asyncio.gather(*tasks)
-    return list(outcomes), time.perf_counter() - start, peak
+            t += rng.expovariate(rate)
+    return offsets
+
+
+def split_round_robin(items: list, parts: int) -> list[list]:
+    """``parts`` interleaved shares of ``items`` (item i goes to share i % parts): every client process
+    gets arrivals spread over the whole schedule, not one slice of it."""
+    return [items[k::parts] for k in range(parts)]
+
+
+def share_of(total: int | None, parts: int, k: int) -> int | None:
+    """Share ``k`` of a bound ``total`` split as evenly as possible over ``parts`` (None: no bound)."""
+    return None if total is None else total // parts + (k < total % parts)
+
+
+def make_client(headers: dict, request_timeout: float):
+    import httpx
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(request_timeout, connect=30.0), headers=headers)
+
+
+async def run_schedule(client, url: str, jobs: list, start_at: float, chat: bool, timeout: float,
+                       max_concurrency: int | None) -> list[RequestOutcome]:
+    """Send each job ``(offset_s, body, prompt_tokens)`` at ``start_at + offset_s`` (a time.perf_counter()
+    value) and stream its answer; wait for all. The body of one client process, whichever process it is."""
+    semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+    async def one(offset: float, body: dict, n: int) -> RequestOutcome:
+        delay = start_at + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if semaphore is None:
+            return await send(client, url, body, n, chat, timeout)
+        async with semaphore:
+            return await send(client, url, body, n, chat, timeout)
+
+    return list(await asyncio.gather(*(one(*job) for job in jobs)))
+
+
+def peak_in_flight(outcomes: list[RequestOutcome]) -> int:
+    """Most requests open at once, from every outcome's send and end times (across client processes)."""
+    events = sorted([(o.sent_at, 1) for o in outcomes] + [(o.ended_at, -1) for o in outcomes],
+                    key=lambda e: (e[0], e[1]))  # an end before a send at the same instant
+    peak = current = 0
+    for _, step in events:
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+def worker_main() -> int:
+    """One client process of a multi-process run (started by ``run`` itself, never by hand): reads its
+    config and jobs (one JSON line), builds its HTTP client, says ``ready``, reads the shared start time
+    (one line), sends its jobs on the shared schedule, and writes its outcomes and CPU seconds (one JSON line)."""
+    job = json.loads(sys.stdin.readline())
+
+    async def go() -> tuple[list[RequestOutcome], float]:
+        async with make_client(job["headers"], job["timeout"]) as client:
+            print("ready", flush=True)
+            start_at = float(sys.stdin.readline())
+            cpu0 = time.process_time()
+            outcomes = await run_schedule(client, job["url"], job["jobs"], start_at, job["chat"], job["timeout"],
+                                          job["max_concurrency"])
+            return outcomes, time.process_time() - cpu0
+
+    outcomes, cpu_s = asyncio.run(go())
+    sys.stdout.write(json.dumps({"outcomes": [dataclasses.asdict(o) for o in outcomes], "cpu_s": cpu_s}) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+class ClientProcesses:
+    """``count`` worker processes (this file, hidden ``_worker`` command) that together send one rate's jobs."""
+
+    def __init__(self, count: int, url: str, headers: dict, chat: bool, timeout: float,
+                 max_concurrency: int | None, jobs: list) -> None:
+        self.timeout = timeout
+        self.procs = []
+        for k, share in enumerate(split_round_robin(jobs, count)):
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_worker"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+            self.procs.append(proc)
+            proc.stdin.write(json.dumps({"url": url, "headers": headers, "chat": chat, "timeout": timeout,
+                                         "max_concurrency": share_of(max_concurrency, count, k), "jobs": share}) + "\n")
+            proc.stdin.flush()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def wait_ready(self) -> None:
+        for proc in self.procs:
+            line = proc.stdout.readline()
+            if line.strip() != "ready":
+                self.kill()
+                raise SystemExit(f"a client process did not start (exit status {proc.wait()}): {line[:200]!r}")
+
+    def start(self, start_at: float) -> None:
+        for proc in self.procs:
+            proc.stdin.write(f"{start_at!r}\n")
+            proc.stdin.flush()
+
+    def collect(self, deadline_s: float) -> tuple[list[RequestOutcome], list[float]]:
+        """Every worker's outcomes and CPU seconds, waiting at most ``deadline_s`` in all."""
+        outcomes, cpu = [], []
+        deadline = time.monotonic() + deadline_s
+        for proc in self.procs:
+            try:
+                stdout, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise SystemExit(f"client processes still running after {deadline_s:.0f} s") from None
+            if proc.returncode != 0 or not stdout.strip():
+                self.kill()
+                raise SystemExit(f"a client process failed (exit status {proc.returncode})")
+            result = json.loads(stdout)
+            outcomes += [RequestOutcome(**o) for o in result["outcomes"]]
+            cpu.append(result["cpu_s"])
+        return outcomes, cpu
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def client_process_count(setting: str, jobs: int, max_concurrency: int | None) -> int:
+    """``auto``: one process per 48 requests of the rate (one Python process streaming more SSE responses
+    than that spends its core on parsing chunks, and then it, not the server, sets the measured throughput
+    and latency), at most half the machine's cores; never more processes than requests or concurrency."""
+    if setting == "auto":
+        count = min(math.ceil(jobs / 48), max(1, (os.cpu_count() or 2) // 2))
+    else:
+        count = int(setting)
+    return max(1, min(count, jobs, max_concurrency or jobs))
+
+
+async def run_rate(args, client, url: str, model: str, prompts, lengths, rate: float,
+                   headers: dict) -> tuple[list[RequestOutcome], float, dict]:
+    """Send every prompt with Poisson arrivals at ``rate`` (bounded by --max-duration) from one or several
+    client processes; wait for all. Returns the outcomes, the duration (first send to last end, over all
+    processes) and the CPU use of the server's processes and of the clients during the run."""
+    chat = args.endpoint == "chat"
+    offsets = arrival_offsets(len(prompts), rate, args.seed, args.max_duration)
+    jobs = [(offset, request_body(args, model, prompt), n) for offset, prompt, n in zip(offsets, prompts, lengths)]
+    count = client_process_count(args.client_processes, len(jobs), args.max_concurrency)
+    server = CpuMeter(args.server_pid) if args.server_pid else None
+    if count == 1:  # in this process, as before
+        if server:
+            server.begin()
+        cpu0 = time.process_time()
+        outcomes = await run_schedule(client, url, jobs, time.perf_counter(), chat, args.request_timeout,
+                                      args.max_concurrency)
+        client_cpu = [time.process_time() - cpu0]
+    else:
+        workers = ClientProcesses(count, url, headers, chat, args.request_timeout, args.max_concurrency, jobs)
+        try:
+            workers.wait_ready()
+            if server:
+                server.begin()
+            # A little ahead, so that every worker has the start time before the first arrival.
+            workers.start(time.perf_counter() + 0.05)
+            outcomes, client_cpu = workers.collect(args.max_duration + args.request_timeout + 60)
+        finally:
+            workers.kill()
+    duration = max(o.ended_at for o in outcomes) - min(o.sent_at for o in outcomes)
+    cpu = {"client_processes": count, "client_pct": [100 * c / duration for c in client_cpu]}
+    if server:
+        cpu.update(server.end(duration))
+    return outcomes, duration, cpu
+
+
+# ---- CPU use of the server's processes -----------------------------------------------------------
+class CpuMeter:
+    """CPU seconds (user + system, from /proc/<pid>/stat) of a server process, each of its threads, and
+    each of its descendant processes (the engine's own process) between ``begin`` and ``end``."""
+
+    def __init__(self, pid: int) -> None:
+        if not Path(f"/proc/{pid}/stat").exists():
+            raise SystemExit(f"--server-pid {pid}: no such process (it must run on this machine)")
+        self.pid = pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.before: dict = {}
+
+    def _stat(self, path: str) -> tuple[list[str], str] | None:
+        try:
+            text = Path(path).read_text()
+        except OSError:  # exited meanwhile
+            return None
+        name = text[text.index("(") + 1: text.rindex(")")]
+        return text[text.rindex(")") + 2:].split(), name
+
+    def _cpu(self, path: str) -> float | None:
+        stat = self._stat(path)
+        # utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after "pid (comm)".
+        return None if stat is None else (int(stat[0][11]) + int(stat[0][12])) / self.tick
+
+    def _descendants(self) -> list[int]:
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                stat = self._stat(f"/proc/{entry.name}/stat")
+                if stat is not None:
+                    parents[int(entry.name)] = int(stat[0][1])
+        found, frontier = [], [self.pid]
+        while frontier:
+            frontier = [pid for pid, parent in parents.items() if parent in frontier]
+            found += frontier
+        return found
+
+    def _snapshot(self) -> dict:
+        snap = {"server": self._cpu(f"/proc/{self.pid}/stat"), "threads": {}, "children": {}}
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            snap["threads"][task.name] = self._cpu(f"{task}/stat")
+        for pid in self._descendants():
+            snap["children"][pid] = self._cpu(f"/proc/{pid}/stat")
+        return snap
+
+    def begin(self) -> None:
+        self.before = self._snapshot()
+
+    def end(self, duration: float) -> dict:
+        """Percent of one core over ``duration`` seconds: the server process, its three busiest threads, and
+        each descendant process that used any CPU."""
+        after = self._snapshot()
+
+        def pct(now, then):
+            return None if now is None or then is None else 100 * (now - then) / duration
+
+        threads = sorted((p for tid, v in after["threads"].items()
+                          if (p := pct(v, self.before["threads"].get(tid, 0.0))) is not None), reverse=True)
+        children = {str(pid): p for pid, v in after["children"].items()
+                    if (p := pct(v, self.before["children"].get(pid, 0.0))) is not None and p >= 0.5}
+        return {"server_pct": pct(after["server"], self.before["server"]), "server_top_threads_pct": threads[:3],
+                "server_children_pct": children}
+
+
+def render_cpu(cpu: dict) -> str:
+    """One line: who used how much of a core during the rate's run (a process near 100% is saturated)."""
+    parts = []
+    if cpu.get("server_pct") is not None:
+        threads = ", ".join(f"{t:.0f}" for t in cpu["server_top_threads_pct"])
+        parts.append(f"server front end {cpu['server_pct']:.0f}% (busiest threads {threads})")
+        for pid, p in sorted(cpu["server_children_pct"].items(), key=lambda kv: -kv[1]):
+            parts.append(f"server child {pid} {p:.0f}%")
+    clients = cpu["client_pct"]
+    parts.append(f"{cpu['client_processes']} client process(es) " + ", ".join(f"{c:.0f}" for c in clients) + "%")
+    return "CPU, % of one core over the run: " + "; ".join(parts)
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -223,7 +460,8 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
-def summarize(rate: float, outcomes: list[RequestOutcome], duration: float, peak: int, slo: dict[str, float]) -> dict:
+def summarize(rate: float, outcomes: list[RequestOutcome], duration: float, slo: dict[str, float],
+              cpu: dict | None = None) -> dict:
     ok = [o for o in outcomes if o.ok]
     out_tokens = sum(o.output_tokens for o in ok)
     in_tokens = sum(o.prompt_tokens for o in ok)
@@ -240,7 +478,7 @@ def summarize(rate: float, outcomes: list[RequestOutcome], duration: float, peak
         "failed": len(outcomes) - len(ok),
         "errors": sorted({o.error for o in outcomes if o.error})[:5],
         "duration_s": duration,
-        "peak_in_flight": peak,
+        "peak_in_flight": peak_in_flight(outcomes),
         "req_per_s": len(ok) / duration,
         "out_tok_per_s": out_tokens / duration,
         "total_tok_per_s": (out_tokens + in_tokens) / duration,
@@ -260,6 +498,8 @@ def summarize(rate: float, outcomes: list[RequestOutcome], duration: float, peak
                        for k, limit in slo.items())
 
         row["goodput_req_per_s"] = sum(1 for o in ok if good(o)) / duration
+    if cpu is not None:
+        row["cpu"] = cpu
     return row
 
 
@@ -296,9 +536,11 @@ async def _served_model(client, base_url: str) -> str:
 
 
 async def main_run_async(args) -> int:
-    import httpx
-
     check_loopback(args.base_url)
+    if args.client_processes != "auto" and not (args.client_processes.isdigit() and 1 <= int(args.client_processes) <= 64):
+        raise SystemExit(f"--client-processes must be auto or 1..64, got {args.client_processes!r}")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise SystemExit(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     rates = [float(r) for r in args.rates.split(",")]
     if any(not (r > 0) for r in rates):
         raise SystemExit(f"--rates must be positive numbers or inf, got {args.rates!r}")
@@ -311,9 +553,7 @@ async def main_run_async(args) -> int:
     prompts, lengths = make_prompts(args.num_prompts, args.input_len, args.seed, args.tokenizer, args.vocab_size)
     first_lengths = lengths
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(args.request_timeout, connect=30.0)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
+    async with make_client(headers, args.request_timeout) as client:
         model = args.model or await _served_model(client, args.base_url)
         path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
         url = args.base_url.rstrip("/") + path
@@ -338,9 +578,10 @@ async def main_run_async(args) -> int:
                 prompts, lengths = make_prompts(args.num_prompts, args.input_len, rate_seed, args.tokenizer, args.vocab_size)
             else:
                 prompts, lengths = saved_prompts, first_lengths
-            outcomes, duration, peak = await run_rate(args, client, url, model, prompts, lengths, rate)
-            rows.append(summarize(rate, outcomes, duration, peak, slo))
+            outcomes, duration, cpu = await run_rate(args, client, url, model, prompts, lengths, rate, headers)
+            rows.append(summarize(rate, outcomes, duration, slo, cpu))
             print(render_table(rows[-1:], f"{args.label} @ rate {rate}"), flush=True)
+            print(render_cpu(cpu), flush=True)
     print()
     print(render_table(rows, f"{args.label}: {args.num_prompts} prompts of {args.input_len[0]}..{args.input_len[1]} "
                              f"tokens, {args.output_len} new, {args.endpoint} endpoint, model {model}"))
@@ -514,6 +755,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-len", type=int, default=256)
     run.add_argument("--rates", default="1,4,16,inf", help="comma-separated requests/s; inf sends all at once")
     run.add_argument("--max-concurrency", type=int, help="most requests in flight at once (default: no bound)")
+    run.add_argument("--client-processes", default="auto",
+                     help="processes that send the requests (each streams its share; 1: this process alone; "
+                          "default auto: one per 48 requests of a rate, at most half the cores)")
+    run.add_argument("--server-pid", type=int, help="the server's process id on this machine: report the CPU use of "
+                     "it, its busiest threads and its child processes (the engine's) under each rate")
     run.add_argument("--max-duration", type=float, default=300.0, help="stop sending new requests of a rate after this many seconds")
     run.add_argument("--request-timeout", type=float, default=600.0)
     run.add_argument("--warmup", type=int, default=2, help="unmeasured requests before the sweep")
@@ -546,6 +792,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["_worker"]:  # one client process of `run` (not a user command: not in --help)
+        return worker_main()
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return asyncio.run(main_run_async(args))

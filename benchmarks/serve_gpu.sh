@@ -15,11 +15,13 @@
 #
 # Phases can be combined (`bash benchmarks/serve_gpu.sh hf-paged offline`). Results go to $RESULTS_DIR
 # (default /tmp/serve_bench; copied to $OUT when that is set): JSON per sweep, server logs, the PNG.
+# Under each rate's table a line gives the CPU use (percent of one core) of the server process, its busiest
+# threads, its child processes (the engine's own) and each load-generator process: one near 100% is the limit.
 # Every sweep sends the same prompts at rate inf (seeded by the rate), so the saturation points of the
 # server modes and offline are measured on identical requests.
 # Knobs (env): MODEL_DIR, RATES, RATES_THREAD, NUM_PROMPTS, TF_NUM_PROMPTS, EQUAL_LOAD (1: also sweep
 # hf-paged with TF_NUM_PROMPTS, for the side-by-side with transformers), INPUT_LEN, OUTPUT_LEN,
-# MAX_DURATION, GOODPUT, DTYPE, DEVICE, WHEEL_DIR (a CPU dry run: MODEL_DIR=<a saved `--shape default`>
+# MAX_DURATION, CLIENT_PROCESSES, GOODPUT, DTYPE, DEVICE, WHEEL_DIR (a CPU dry run: MODEL_DIR=<a saved `--shape default`>
 # DTYPE=float32 DEVICE=cpu).
 # Missing Python packages (fastapi, uvicorn, pydantic, openai, ...) are installed from .whl/ when present.
 set -euo pipefail
@@ -34,6 +36,7 @@ TF_NUM_PROMPTS=${TF_NUM_PROMPTS:-64}    # transformers serve is ~10x slower: few
 INPUT_LEN=${INPUT_LEN:-64:1024}
 OUTPUT_LEN=${OUTPUT_LEN:-256}
 MAX_DURATION=${MAX_DURATION:-60}        # seconds of arrivals per rate at most
+CLIENT_PROCESSES=${CLIENT_PROCESSES:-auto}  # load-generator processes (auto: one per 48 requests of a rate)
 GOODPUT=${GOODPUT:-ttft:2000,tpot:100}  # SLOs in ms
 DTYPE=${DTYPE:-bfloat16}
 DEVICE=${DEVICE:-cuda}
@@ -71,12 +74,12 @@ stop_server() {  # SIGTERM, then wait (hf-paged serve drains and exits 0)
   wait "$1" || echo "server exit status $?"
 }
 
-sweep() {  # sweep LABEL PORT MODEL_NAME NUM_PROMPTS EXTRA...
+sweep() {  # sweep LABEL PORT MODEL_NAME NUM_PROMPTS EXTRA... (the server's pid in $pid: its CPU use per rate)
   local label=$1 port=$2 name=$3 num=$4; shift 4
   $BENCH run --base-url "http://127.0.0.1:$port" --model "$name" --tokenizer "$MODEL_DIR" \
     --num-prompts "$num" --input-len "$INPUT_LEN" --output-len "$OUTPUT_LEN" --rates "$RATES" \
     --max-duration "$MAX_DURATION" --warmup 16 --goodput "$GOODPUT" --label "$label" \
-    --out "$RESULTS_DIR/$label.json" "$@"
+    --client-processes "$CLIENT_PROCESSES" --server-pid "$pid" --out "$RESULTS_DIR/$label.json" "$@"
 }
 
 start_hf_paged() {  # start_hf_paged LOG EXTRA...: starts the server in the background, sets $pid
@@ -121,7 +124,7 @@ phase_transformers() {
   # (transformers serve refuses the ignore_eos field).
   python3 -m transformers.cli.transformers serve "$MODEL_DIR" --continuous-batching --host 127.0.0.1 \
     --port $TF_PORT --device "$DEVICE" --dtype "$DTYPE" --log-level warning >"$RESULTS_DIR/transformers_server.log" 2>&1 &
-  local pid=$!
+  pid=$!
   wait_http "http://127.0.0.1:$TF_PORT/health" $pid 900
   sweep transformers $TF_PORT "$MODEL_DIR" "$TF_NUM_PROMPTS"
   stop_server $pid

@@ -512,3 +512,42 @@ def test_load_generator(server, tmp_path, monkeypatch):
     assert bench.rate_prompt_seed(0, float("inf")) == 0 != bench.rate_prompt_seed(0, 40.0)  # inf: --seed's prompts
     with pytest.raises(SystemExit, match="127.0.0.1"):
         bench.main(["run", "--base-url", "http://example.com:8000", "--vocab-size", "100"])
+    with pytest.raises(SystemExit, match="--client-processes"):
+        bench.main(["run", "--vocab-size", "100", "--client-processes", "0"])
+
+    # The same rate-inf requests from two client processes, with the server's CPU use recorded.
+    out2 = tmp_path / "run2.json"
+    argv2 = argv[: argv.index("--rates")] + ["--rates", "inf", "--client-processes", "2", "--server-pid",
+                                             str(server.proc.pid), "--ignore-eos", "--warmup", "0", "--out", str(out2), "--fail-on-error"]
+    assert bench.main(argv2) == 0
+    row = json.loads(out2.read_text())["rows"][0]
+    assert (row["sent"], row["completed"], row["output_tokens"]) == (6, 6, 30)
+    assert row["prompt_tokens"] == record["rows"][1]["prompt_tokens"]  # the same six prompts as above
+    assert 1 <= row["peak_in_flight"] <= 6
+    cpu = row["cpu"]
+    assert cpu["client_processes"] == 2 and len(cpu["client_pct"]) == 2 and cpu["server_pct"] is not None
+    engine = [pid for pid, cmd in child_processes(server.proc.pid).items() if "spawn_main" in cmd]
+    assert engine and set(cpu["server_children_pct"]) <= {str(pid) for pid in bench.CpuMeter(server.proc.pid)._descendants()}
+    assert engine[0] in bench.CpuMeter(server.proc.pid)._descendants()
+
+
+def test_load_generator_schedule(monkeypatch):
+    """Arrival offsets and their split over client processes: every request once, on the parent's schedule."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks" / "bench_serve.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_serve", bench)
+    spec.loader.exec_module(bench)
+    assert bench.arrival_offsets(5, float("inf"), 0, 10.0) == [0.0] * 5
+    offsets = bench.arrival_offsets(200, 4.0, 0, 10.0)
+    assert offsets[0] == 0.0 and offsets == sorted(offsets) and 20 < len(offsets) < 200 and offsets[-1] <= 10.0
+    assert offsets == bench.arrival_offsets(200, 4.0, 0, 10.0) != bench.arrival_offsets(200, 4.0, 1, 10.0)
+    shares = bench.split_round_robin(list(range(10)), 3)
+    assert shares == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert [bench.share_of(8, 3, k) for k in range(3)] == [3, 3, 2] and bench.share_of(None, 3, 0) is None
+    assert bench.client_process_count("3", 2, None) == 2 and bench.client_process_count("4", 100, 3) == 3
+    assert bench.client_process_count("auto", 10, None) == 1
+    outcome = bench.RequestOutcome
+    spans = [outcome(ok=True, prompt_tokens=1, sent_at=a, ended_at=b) for a, b in ((0, 2), (1, 3), (2, 4), (5, 6))]
+    assert bench.peak_in_flight(spans) == 2  # one ends at 2 as the third starts
