@@ -15,6 +15,12 @@ and with ``plot`` a PNG of latency against rate for one or several runs side by 
     # a random-weight shape saved as a model folder with the embedded tokenizer (for servers to load)
     python benchmarks/bench_serve.py save-model --shape llama-8b --out /tmp/llama8b
 
+Requests go out from several processes (``--client-processes``, default one per 48 requests of a rate):
+one Python process parsing thousands of SSE chunks a second saturates its core, and would then measure
+itself rather than the server. The parent draws every arrival time; the processes send on that shared
+schedule and the parent merges their outcomes. ``--server-pid`` adds a line per rate with the CPU use of
+the server process (and its busiest threads), of its child processes and of each client process.
+
 Only loopback addresses are accepted: this is a benchmark of a local server, never a load test of
 someone else's. Every request count and duration is bounded (``--num-prompts``, ``--max-duration``,
 ``--request-timeout``).

@@ -21,8 +21,8 @@
 # server modes and offline are measured on identical requests.
 # Knobs (env): MODEL_DIR, RATES, RATES_THREAD, NUM_PROMPTS, TF_NUM_PROMPTS, EQUAL_LOAD (1: also sweep
 # hf-paged with TF_NUM_PROMPTS, for the side-by-side with transformers), INPUT_LEN, OUTPUT_LEN,
-# MAX_DURATION, CLIENT_PROCESSES, GOODPUT, DTYPE, DEVICE, WHEEL_DIR (a CPU dry run: MODEL_DIR=<a saved `--shape default`>
-# DTYPE=float32 DEVICE=cpu).
+# MAX_DURATION, CLIENT_PROCESSES, SINGLE_CLIENT, GOODPUT, DTYPE, DEVICE, WHEEL_DIR (a CPU dry run:
+# MODEL_DIR=<a saved `--shape default`> DTYPE=float32 DEVICE=cpu).
 # Missing Python packages (fastapi, uvicorn, pydantic, openai, ...) are installed from .whl/ when present.
 set -euo pipefail
 
@@ -37,6 +37,7 @@ INPUT_LEN=${INPUT_LEN:-64:1024}
 OUTPUT_LEN=${OUTPUT_LEN:-256}
 MAX_DURATION=${MAX_DURATION:-60}        # seconds of arrivals per rate at most
 CLIENT_PROCESSES=${CLIENT_PROCESSES:-auto}  # load-generator processes (auto: one per 48 requests of a rate)
+SINGLE_CLIENT=${SINGLE_CLIENT:-0}       # 1: also sweep hf-paged at rate inf from one client process
 GOODPUT=${GOODPUT:-ttft:2000,tpot:100}  # SLOs in ms
 DTYPE=${DTYPE:-bfloat16}
 DEVICE=${DEVICE:-cuda}
@@ -94,6 +95,12 @@ phase_hf_paged() {
   save_model
   start_hf_paged hf_paged_server.log  # the engine's step loop in its own process (serve's default)
   sweep hf-paged $HF_PORT llama-8b "$NUM_PROMPTS" --ignore-eos
+  if [ "$SINGLE_CLIENT" = 1 ]; then
+    # Rate inf again from one load-generator process: how much a single client process holds the numbers
+    # back. Other prompts (--seed 1) of the same lengths' distribution: the server's prefix cache already
+    # holds the first rate-inf prompts.
+    RATES=inf CLIENT_PROCESSES=1 sweep hf-paged-1client $HF_PORT llama-8b "$NUM_PROMPTS" --ignore-eos --seed 1
+  fi
   if [ "$EQUAL_LOAD" = 1 ]; then
     # The same prompts and rates as the transformers sweep, for a side-by-side at equal load.
     sweep "hf-paged-$TF_NUM_PROMPTS" $HF_PORT llama-8b "$TF_NUM_PROMPTS" --ignore-eos
