@@ -344,15 +344,17 @@ def client_process_count(setting: str, jobs: int, max_concurrency: int | None) -
 
 
 async def run_rate(args, client, url: str, model: str, prompts, lengths, rate: float,
-                   headers: dict) -> tuple[list[RequestOutcome], float, dict]:
+                   headers: dict) -> tuple[list[RequestOutcome], float, dict, dict]:
     """Send every prompt with Poisson arrivals at ``rate`` (bounded by --max-duration) from one or several
     client processes; wait for all. Returns the outcomes, the duration (first send to last end, over all
-    processes) and the CPU use of the server's processes and of the clients during the run."""
+    processes), the CPU use of the server's processes and of the clients during the run, and the means
+    of the server's own latency histograms over the run (empty without them)."""
     chat = args.endpoint == "chat"
     offsets = arrival_offsets(len(prompts), rate, args.seed, args.max_duration)
     jobs = [(offset, request_body(args, model, prompt), n) for offset, prompt, n in zip(offsets, prompts, lengths)]
     count = client_process_count(args.client_processes, len(jobs), args.max_concurrency)
     server = CpuMeter(args.server_pid) if args.server_pid else None
+    latencies_before = await scrape_server_latencies(client, args.base_url)
     if count == 1:  # in this process, as before
         if server:
             server.begin()
@@ -375,7 +377,47 @@ async def run_rate(args, client, url: str, model: str, prompts, lengths, rate: f
     cpu = {"client_processes": count, "client_pct": [100 * c / duration for c in client_cpu]}
     if server:
         cpu.update(server.end(duration))
-    return outcomes, duration, cpu
+    means = server_means(latencies_before, await scrape_server_latencies(client, args.base_url))
+    return outcomes, duration, cpu, means
+
+
+# ---- the server's own latency histograms ---------------------------------------------------------
+SERVER_SERIES = {"ttft": "time_to_first_token_seconds", "itl": "inter_token_latency_seconds",
+                 "e2el": "e2e_request_latency_seconds"}
+
+
+async def scrape_server_latencies(client, base_url: str) -> dict[str, float] | None:
+    """Sums and counts of the server's own latency histograms from its Prometheus ``/metrics`` (any name
+    prefix: ``hf_paged:``, ``vllm:``); None when it serves none. Differences over a run give the server's
+    means, which the client's can be checked against (a gap is time spent between the server and here)."""
+    try:
+        resp = await client.get(base_url.rstrip("/") + "/metrics")
+    except Exception:  # noqa: BLE001 - no metrics endpoint is fine: the comparison is skipped
+        return None
+    if resp.status_code != 200:
+        return None
+    wanted = {f"{name}_{part}" for name in SERVER_SERIES.values() for part in ("sum", "count")}
+    out: dict[str, float] = {}
+    for line in resp.text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        name = name.split("{", 1)[0].rsplit(":", 1)[-1]
+        if name in wanted:
+            out[name] = out.get(name, 0.0) + float(value)
+    return out or None
+
+
+def server_means(before: dict | None, after: dict | None) -> dict[str, float]:
+    """Mean TTFT / ITL / E2E in ms of what the server recorded between two scrapes."""
+    means = {}
+    for key, name in SERVER_SERIES.items():
+        if before is None or after is None:
+            break
+        count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+        if count > 0:
+            means[f"server_{key}_mean_ms"] = 1000 * (after[f"{name}_sum"] - before.get(f"{name}_sum", 0.0)) / count
+    return means
 
 
 # ---- CPU use of the server's processes -----------------------------------------------------------
@@ -454,6 +496,15 @@ def render_cpu(cpu: dict) -> str:
     clients = cpu["client_pct"]
     parts.append(f"{cpu['client_processes']} client process(es) " + ", ".join(f"{c:.0f}" for c in clients) + "%")
     return "CPU, % of one core over the run: " + "; ".join(parts)
+
+
+def render_server_means(row: dict) -> str:
+    """The server's own latency means next to the client's: a gap is time lost between the two."""
+    def means(prefix: str) -> str:
+        return ", ".join(f"{key.upper()} {row[f'{prefix}{key}_mean_ms']:,.1f}" for key in SERVER_SERIES
+                         if row.get(f"{prefix}{key}_mean_ms") is not None)
+
+    return f"means in ms, as the server measured them: {means('server_')}; as this client did: {means('')}"
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -584,10 +635,12 @@ async def main_run_async(args) -> int:
                 prompts, lengths = make_prompts(args.num_prompts, args.input_len, rate_seed, args.tokenizer, args.vocab_size)
             else:
                 prompts, lengths = saved_prompts, first_lengths
-            outcomes, duration, cpu = await run_rate(args, client, url, model, prompts, lengths, rate, headers)
-            rows.append(summarize(rate, outcomes, duration, slo, cpu))
+            outcomes, duration, cpu, means = await run_rate(args, client, url, model, prompts, lengths, rate, headers)
+            rows.append(summarize(rate, outcomes, duration, slo, cpu) | means)
             print(render_table(rows[-1:], f"{args.label} @ rate {rate}"), flush=True)
             print(render_cpu(cpu), flush=True)
+            if means:
+                print(render_server_means(rows[-1]), flush=True)
     print()
     print(render_table(rows, f"{args.label}: {args.num_prompts} prompts of {args.input_len[0]}..{args.input_len[1]} "
                              f"tokens, {args.output_len} new, {args.endpoint} endpoint, model {model}"))

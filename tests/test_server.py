@@ -524,6 +524,8 @@ def test_load_generator(server, tmp_path, monkeypatch):
     assert (row["sent"], row["completed"], row["output_tokens"]) == (6, 6, 30)
     assert row["prompt_tokens"] == record["rows"][1]["prompt_tokens"]  # the same six prompts as above
     assert 1 <= row["peak_in_flight"] <= 6
+    # The server's own histograms over just this run (its /metrics before and after): 6 requests of 5 tokens.
+    assert row["server_ttft_mean_ms"] > 0 and 0 < row["server_itl_mean_ms"] <= row["server_e2el_mean_ms"]
     cpu = row["cpu"]
     assert cpu["client_processes"] == 2 and len(cpu["client_pct"]) == 2 and cpu["server_pct"] is not None
     engine = [pid for pid, cmd in child_processes(server.proc.pid).items() if "spawn_main" in cmd]
