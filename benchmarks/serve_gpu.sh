@@ -147,6 +147,8 @@ phase_plot() {
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+# uvicorn picks uvloop and httptools up when importable (the serve extra installs both): say which it got.
+python3 -c "import importlib.util as u; print('uvloop', bool(u.find_spec('uvloop')), 'httptools', bool(u.find_spec('httptools')))"
 for phase in "${@:-hf-paged}"; do
   echo "=== $phase"
   case $phase in
