@@ -103,8 +103,11 @@ def test_compiled_padded_decode_graph_path():
     breaks, graphs = dynamo_counters()
     assert breaks == {} and graphs == 1  # padded batches of 2 and 8 rows share one dynamic graph
     assert gen.pool.allocator.is_whole()
-    # The compiled layer forwards are swapped in only during the engine's steps.
+    # The compiled layer forwards are swapped in only during the engine's steps; the layer-index tensors
+    # the engine adds are plain host attributes, not part of the model's state.
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    assert [a._hf_paged_layer.item() for a in (layer.self_attn for layer in model.model.layers)] == [0, 1]
+    assert not any("hf_paged" in name for name in model.state_dict())
 
 
 def test_compile_needs_a_list_of_decoder_layers():
@@ -164,3 +167,19 @@ def test_write_op_writes_one_layer_and_passes_opcheck():
     untouched[1].view(2, -1)[:, slots] = False
     assert torch.equal(pool.kv[untouched], before[untouched])  # layer 0 and every other slot as they were
     torch.library.opcheck(torch.ops.hf_paged.write_kv, (key, value, pool.kv.clone(), None, 0, step.slot_mapping))
+
+
+def test_write_and_attend_is_write_then_attention_and_passes_opcheck():
+    pool, step = _pool_and_step()
+    q, key, value = torch.randn(6, 4, 16), torch.randn(6, 2, 16), torch.randn(6, 2, 16)
+    layer = torch.tensor(1)  # the layer as a 0-d tensor: an input of the compiled graph, not a constant
+    args = (q, key, value, pool.kv, None, layer, step.slot_mapping, step.block_tables, step.seq_lens,
+            step.query_start_loc, step.max_query_len, 0.25, None, None, None, "auto")
+    reference = pool.kv.clone()
+    torch.ops.hf_paged.write_kv(key, value, reference, None, 1, step.slot_mapping)
+    want = attention.run_paged_attention(q, reference[1, 0], reference[1, 1], step, scale=0.25, sliding_window=None,
+                                         softcap=None, sinks=None, backend="auto")
+    got = torch.ops.hf_paged.write_and_attend(*args)
+    assert torch.equal(pool.kv, reference)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.hf_paged.write_and_attend, (*args[:3], pool.kv.clone(), *args[4:]))

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..integration.attention import LAYER_TENSOR
+
 # Class-name suffixes of the modules compiled: pure tensor functions in every transformers model.
 FUSED_SUFFIXES = ("RMSNorm", "MLP")
 
@@ -70,9 +72,9 @@ class CompiledLayers:
     """Context manager: while active, the model's decoder layers run ``torch.compile`` of their own forward.
 
     Why layers and not the whole model: the layers are identical code with different weights, so one
-    compiled graph serves all of them (their integer attributes, such as ``layer_idx``, are traced as
-    symbols, see ``compile_config``): compile time does not grow with depth (32 layers compiled in a sixth
-    of the whole model's time on CPU). The paged attention and K/V write inside a layer are opaque custom
+    compiled graph serves all of them (the attention names its layer by a tensor, see ``LAYER_TENSOR``):
+    compile time does not grow with depth (32 layers compiled in a sixth of the whole model's time on
+    CPU). The paged attention and K/V write inside a layer are opaque custom
     ops, so a layer traces without graph breaks and Inductor fuses its norms, residual adds, RoPE,
     SiLU-mul and casts. What runs outside the layers (embedding, RoPE tables, final norm, LM head) stays
     eager: a few kernels per step. Same swapping as ``ElementwiseFusion``: only inside ``with``.
@@ -85,6 +87,13 @@ class CompiledLayers:
                 f"compile needs the model's decoder layers as one ModuleList of num_hidden_layers modules; "
                 f"{type(model).__name__} has none (use compile='off')"
             )
+        # Each attention module's layer index as a 0-d CPU tensor: the compiled graph's input, so one
+        # graph serves every layer (an int attribute is a constant of the graph). Plain attributes, not
+        # buffers: they stay on the host whatever device the model moves to, and stay out of state_dict.
+        for layer in self.layers:
+            for m in layer.modules():
+                if isinstance(getattr(m, "layer_idx", None), int) and LAYER_TENSOR not in m.__dict__:
+                    m.__dict__[LAYER_TENSOR] = torch.tensor(m.layer_idx, dtype=torch.int64)
         self.backend = backend
         self._lock = threading.Lock()
         self._active = 0
@@ -114,21 +123,20 @@ def _compiled_layer(cls: type, backend: str) -> Any:
 def compile_config() -> Any:
     """Settings for tracing the layers (a context manager, entered around each compiled forward):
 
-    - integer attributes of modules (``layer_idx``, ...) as symbols, not constants: one graph for all
-      layers (without this torch specializes each layer, and would recompile past its recompile limit);
     - no "duck" sizing: sizes that happen to be equal when the graph is traced (a decode step's rows,
-      tokens and kept logits) must not become one symbol, which a prompt step would then break.
+      tokens and kept logits) must not become one symbol, which a prompt step would then break;
+    - a recompile limit above the layer count: a model whose layer code reads its integer layer index
+      gets one graph per layer, slower to compile but still compiled (torch's default limit, 8, would
+      silently leave the later layers eager).
     Settings a torch version does not have are left out.
     """
     import torch._dynamo.config as dynamo_config
     import torch.fx.experimental._config as fx_config
 
     stack = contextlib.ExitStack()
-    if hasattr(dynamo_config, "allow_unspec_int_on_nn_module"):
-        stack.enter_context(dynamo_config.patch(allow_unspec_int_on_nn_module=True))
-    else:  # older torch: one graph per layer; let all of them compile
-        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-        stack.enter_context(dynamo_config.patch(**{name: 256}))
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    if hasattr(dynamo_config, name):
+        stack.enter_context(dynamo_config.patch(**{name: max(256, getattr(dynamo_config, name))}))
     if hasattr(fx_config, "use_duck_shape"):
         stack.enter_context(fx_config.patch(use_duck_shape=False))
     return stack

@@ -37,16 +37,15 @@ from ..options import COMPILE_MODES
 
 
 class _StepCache(PagedCache):
-    """The runner's cache: under ``torch.compile`` the K/V write is the ``hf_paged::write_kv`` op (an
-    opaque node Dynamo does not trace into); eagerly it is ``PagedCache.update`` itself."""
+    """The runner's cache. Under ``torch.compile`` its ``update`` writes nothing: the attention function
+    stores the step's K/V and attends in one op (``hf_paged::write_and_attend``), and ``layer_idx`` goes
+    unread, so every layer traces to the same graph. Eagerly it is ``PagedCache.update`` itself."""
+
+    writes_in_attention = True  # read by the attention function under torch.compile
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         if not torch.compiler.is_compiling():
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        batch, heads, q_len, head_dim = key_states.shape
-        k_tok = key_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
-        v_tok = value_states.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
-        torch.ops.hf_paged.write_kv(k_tok, v_tok, self.pool.kv, self.pool.scales, layer_idx, self.step.slot_mapping)
         return key_states, value_states
 
 

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 ATTENTION_NAME = "hf_paged"
 # Keyword through which a compiled forward hands the attention function its PagedCache.
 CACHE_KWARG = "hf_paged_cache"
+# Attribute of an attention module holding its layer index as a 0-d int64 CPU tensor (set by the engine
+# for its compiled layers; see write_and_attend).
+LAYER_TENSOR = "_hf_paged_layer"
 
 _ACTIVE_CACHE: ContextVar["PagedCache | None"] = ContextVar("hf_paged_active_cache", default=None)
 # id(config) -> the attention implementation the model uses outside paged steps; the fallback target.
@@ -148,6 +151,20 @@ def paged_attention_forward(
         return out, weights
     step = cache.step
     q_tok = query.transpose(1, 2).reshape(batch * q_len, heads, head_dim)
+    layer = getattr(module, LAYER_TENSOR, None)
+    if torch.compiler.is_compiling() and layer is not None and getattr(cache, "writes_in_attention", False):
+        # The engine's compiled layers: the K/V write and the attention are one opaque op, and the layer
+        # is named by a tensor, so nothing here reads the module's integer layer_idx (which would make
+        # Dynamo compile one graph per layer).
+        _, kv_heads, _, _ = key.shape
+        k_tok = key.transpose(1, 2).reshape(batch * q_len, kv_heads, head_dim)
+        v_tok = value.transpose(1, 2).reshape(batch * q_len, kv_heads, head_dim)
+        out = torch.ops.hf_paged.write_and_attend(
+            q_tok, k_tok, v_tok, cache.pool.kv, cache.pool.scales, layer, step.slot_mapping, step.block_tables,
+            step.seq_lens, step.query_start_loc, step.max_query_len, scale, sliding_window, softcap, s_aux,
+            cache.backend,
+        )
+        return out.view(batch, q_len, heads, head_dim), None
     k_cache, v_cache = cache.pool.layer(module.layer_idx)
     k_scale, v_scale = cache.pool.layer_scales(module.layer_idx)  # None unless the pool is FP8
     if torch.compiler.is_compiling():
@@ -376,6 +393,10 @@ def write_kv_op(
     V views, because it declares what it mutates: a mutated base tensor is what functionalization
     handles in place for sure (a mutated view is re-derived from its base, one more thing to get right).
     """
+    _write_layer(key, value, kv, scales, layer, slot_mapping)
+
+
+def _write_layer(key, value, kv, scales, layer: int, slot_mapping) -> None:
     from ..kernels import kv_write  # the Triton writer on CUDA, the torch reference elsewhere
 
     writer = kv_write.write_kv if kv.is_cuda else kv_write.write_kv_reference
@@ -388,6 +409,57 @@ def write_kv_op(
 @write_kv_op.register_fake
 def _(key, value, kv, scales, layer, slot_mapping):
     return None
+
+
+_WRITE_AND_ATTEND_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor value, Tensor(a!) kv, Tensor(b!)? scales, Tensor layer, Tensor slot_mapping, "
+    "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, SymInt max_query_len, float scale, "
+    "SymInt? sliding_window, float? softcap, Tensor? sinks, str backend) -> Tensor"
+)
+
+
+@torch.library.custom_op("hf_paged::write_and_attend", mutates_args=("kv", "scales"), schema=_WRITE_AND_ATTEND_SCHEMA)
+def write_and_attend_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv: torch.Tensor,
+    scales: torch.Tensor | None,
+    layer: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    """``torch.ops.hf_paged.write_and_attend``: ``write_kv`` then ``paged_attention`` of one layer, one op.
+
+    What the engine's compiled decoder layers call. ``layer`` is a 0-d int64 CPU tensor, not an int: a
+    tensor is an input of the compiled graph, so every layer runs the same graph (an integer would be
+    a constant of it, one graph per layer), and reading it on the host costs no device sync. The
+    other arguments are ``write_kv``'s (whole pool) and ``paged_attention``'s.
+    """
+    index = int(layer)
+    _write_layer(key, value, kv, scales, index, slot_mapping)
+    k_scale = v_scale = None
+    if scales is not None:
+        k_scale, v_scale = scales[index, 0], scales[index, 1]
+    step = _OpStep(block_tables, seq_lens, query_start_loc, max_query_len, _op_plans())
+    return run_paged_attention(
+        query, kv[index, 0], kv[index, 1], step, scale=scale, sliding_window=sliding_window, softcap=softcap,
+        sinks=sinks, backend=backend, k_scale=k_scale, v_scale=v_scale,
+    )
+
+
+@write_and_attend_op.register_fake
+def _(query, key, value, kv, scales, layer, slot_mapping, block_tables, seq_lens, query_start_loc, max_query_len,
+      scale, sliding_window, softcap, sinks, backend):
+    return torch.empty_like(query)
 
 
 class _OpStep:
