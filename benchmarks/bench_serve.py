@@ -602,6 +602,8 @@ async def main_run_async(args) -> int:
     check_loopback(args.base_url)
     if args.client_processes != "auto" and not (args.client_processes.isdigit() and 1 <= int(args.client_processes) <= 64):
         raise SystemExit(f"--client-processes must be auto or 1..64, got {args.client_processes!r}")
+    if not 1 <= args.num_prompts <= 100_000:
+        raise SystemExit(f"--num-prompts must be in 1..100000, got {args.num_prompts}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise SystemExit(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     rates = [float(r) for r in args.rates.split(",")]

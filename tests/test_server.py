@@ -514,6 +514,8 @@ def test_load_generator(server, tmp_path, monkeypatch):
         bench.main(["run", "--base-url", "http://example.com:8000", "--vocab-size", "100"])
     with pytest.raises(SystemExit, match="--client-processes"):
         bench.main(["run", "--vocab-size", "100", "--client-processes", "0"])
+    with pytest.raises(SystemExit, match="--num-prompts"):
+        bench.main(["run", "--vocab-size", "100", "--num-prompts", "0"])
 
     # The same rate-inf requests from two client processes, with the server's CPU use recorded.
     out2 = tmp_path / "run2.json"
