@@ -287,19 +287,19 @@ class ClientProcesses:
 
     def __init__(self, count: int, url: str, headers: dict, chat: bool, timeout: float,
                  max_concurrency: int | None, jobs: list) -> None:
-        self.timeout = timeout
-        self.procs = []
-        for k, share in enumerate(split_round_robin(jobs, count)):
-            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_worker"], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True)
-            self.procs.append(proc)
-            proc.stdin.write(json.dumps({"url": url, "headers": headers, "chat": chat, "timeout": timeout,
-                                         "max_concurrency": share_of(max_concurrency, count, k), "jobs": share}) + "\n")
-            proc.stdin.flush()
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        self.procs: list[subprocess.Popen] = []
+        try:
+            for k, share in enumerate(split_round_robin(jobs, count)):
+                proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_worker"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                self.procs.append(proc)
+                proc.stdin.write(json.dumps({"url": url, "headers": headers, "chat": chat, "timeout": timeout,
+                                             "max_concurrency": share_of(max_concurrency, count, k), "jobs": share}))
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+        except BaseException:
+            self.kill()  # none left behind
+            raise
 
     def wait_ready(self) -> None:
         for proc in self.procs:
