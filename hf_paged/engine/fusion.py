@@ -73,8 +73,8 @@ class CompiledLayers:
 
     Why layers and not the whole model: the layers are identical code with different weights, so one
     compiled graph serves all of them (the attention names its layer by a tensor, see ``LAYER_TENSOR``):
-    compile time does not grow with depth (32 layers compiled in a sixth of the whole model's time on
-    CPU). The paged attention and K/V write inside a layer are opaque custom
+    compile time does not grow with depth (on CPU, a 32-layer model compiles in the time of a 2-layer one,
+    25 s with an empty Inductor cache; the whole 32-layer model took several minutes). The paged attention and K/V write inside a layer are opaque custom
     ops, so a layer traces without graph breaks and Inductor fuses its norms, residual adds, RoPE,
     SiLU-mul and casts. What runs outside the layers (embedding, RoPE tables, final norm, LM head) stays
     eager: a few kernels per step. Same swapping as ``ElementwiseFusion``: only inside ``with``.
