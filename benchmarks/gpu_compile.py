@@ -27,6 +27,7 @@ import json
 import statistics
 import sys
 import time
+import dataclasses
 import traceback
 
 import torch
@@ -34,6 +35,7 @@ import torch
 from hf_paged import ContinuousGenerator, SamplingParams
 from hf_paged.entrypoints.bench import SHAPES, Workload, build_model
 
+PROFILE_MODES: set[str] = set()  # --profile
 PARITY_SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
                     num_key_value_heads=4, head_dim=64, vocab_size=4096, tie_word_embeddings=False)
 
@@ -103,6 +105,15 @@ def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device
                    preemptions=gen.stats.preemptions)
         log(f"{mode}: {out_tokens / wall:,.0f} out tok/s ({wall:.1f} s, {len(prompts)} prompts), batch TPOT p50 "
             f"{row['tpot_p50_ms']:.1f} ms, {gen.stats.preemptions} preemptions")
+        if mode in PROFILE_MODES:
+            # The same workload once more with the engine's step profile (host stages, GPU time per kind
+            # of step): where the remaining time goes. Not timed for the table.
+            gen.reset_prefix_cache()
+            gen.options = dataclasses.replace(gen.options, profile=True)
+            gen.generate(prompts, greedy)
+            gen.options = dataclasses.replace(gen.options, profile=False)
+            row["profile"] = gen.stats.profile.render()
+            log(f"{mode}: step profile of the same workload\n{row['profile']}")
         one = [(prompts[0] * (512 // len(prompts[0]) + 1))[:512]]  # a 512-token prompt
         gen.generate(one, warm)
         gen.reset_prefix_cache()
@@ -130,10 +141,13 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--modes", default="off,all,decode", help="comma-separated subset of off,decode,all, run in order")
     p.add_argument("--no-parity", action="store_true")
+    p.add_argument("--profile", default="", help="comma-separated modes whose throughput run is repeated with the "
+                   "engine's step profile (printed, not timed)")
     p.add_argument("--budget-s", type=float, default=270.0,
                    help="skip a mode whose start plus the previous mode's duration would pass this many seconds")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
+    PROFILE_MODES.update(filter(None, args.profile.split(",")))
     modes = args.modes.split(",")
     if not set(modes) <= {"off", "decode", "all"}:
         p.error(f"--modes: unknown mode in {modes}")
