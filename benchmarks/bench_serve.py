@@ -277,6 +277,8 @@ def worker_main() -> int:
     except ImportError:
         run = asyncio.run
     outcomes, cpu_s = run(go())
+    # uvloop leaves stdout non-blocking: a result larger than the pipe's 64 KiB would be cut short.
+    os.set_blocking(sys.stdout.fileno(), True)
     sys.stdout.write(json.dumps({"outcomes": [dataclasses.asdict(o) for o in outcomes], "cpu_s": cpu_s}) + "\n")
     sys.stdout.flush()
     return 0

@@ -45,6 +45,9 @@ WHEEL_DIR=${WHEEL_DIR:-.whl}
 HF_PORT=${HF_PORT:-8000}
 TF_PORT=${TF_PORT:-8001}
 mkdir -p "$RESULTS_DIR"
+pid=""
+# A failed sweep must not leave a server holding the GPU for whatever runs next.
+trap '[ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; true' EXIT
 
 if compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEEL_DIR"/*.whl
