@@ -41,6 +41,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,10 +278,9 @@ def worker_main() -> int:
     except ImportError:
         run = asyncio.run
     outcomes, cpu_s = run(go())
-    # uvloop leaves stdout non-blocking: a result larger than the pipe's 64 KiB would be cut short.
-    os.set_blocking(sys.stdout.fileno(), True)
-    sys.stdout.write(json.dumps({"outcomes": [dataclasses.asdict(o) for o in outcomes], "cpu_s": cpu_s}) + "\n")
-    sys.stdout.flush()
+    # The result goes through a file, not stdout: after uvloop has run, a result larger than the pipe's
+    # 64 KiB reached the parent cut short (seen with several workers).
+    Path(job["result_path"]).write_text(json.dumps({"outcomes": [dataclasses.asdict(o) for o in outcomes], "cpu_s": cpu_s}))
     return 0
 
 
@@ -290,13 +290,17 @@ class ClientProcesses:
     def __init__(self, count: int, url: str, headers: dict, chat: bool, timeout: float,
                  max_concurrency: int | None, jobs: list) -> None:
         self.procs: list[subprocess.Popen] = []
+        self.tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
+        self.result_paths: list[str] = []
         try:
             for k, share in enumerate(split_round_robin(jobs, count)):
                 proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "_worker"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 self.procs.append(proc)
+                self.result_paths.append(f"{self.tmp.name}/worker{k}.json")
                 proc.stdin.write(json.dumps({"url": url, "headers": headers, "chat": chat, "timeout": timeout,
-                                             "max_concurrency": share_of(max_concurrency, count, k), "jobs": share}))
+                                             "max_concurrency": share_of(max_concurrency, count, k), "jobs": share,
+                                             "result_path": self.result_paths[-1]}))
                 proc.stdin.write("\n")
                 proc.stdin.flush()
         except BaseException:
@@ -319,16 +323,16 @@ class ClientProcesses:
         """Every worker's outcomes and CPU seconds, waiting at most ``deadline_s`` in all."""
         outcomes, cpu = [], []
         deadline = time.monotonic() + deadline_s
-        for proc in self.procs:
+        for proc, path in zip(self.procs, self.result_paths):
             try:
-                stdout, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.kill()
                 raise SystemExit(f"client processes still running after {deadline_s:.0f} s") from None
-            if proc.returncode != 0 or not stdout.strip():
+            if proc.returncode != 0 or not os.path.exists(path):
                 self.kill()
                 raise SystemExit(f"a client process failed (exit status {proc.returncode})")
-            result = json.loads(stdout)
+            result = json.loads(Path(path).read_text())
             outcomes += [RequestOutcome(**o) for o in result["outcomes"]]
             cpu.append(result["cpu_s"])
         return outcomes, cpu
