@@ -29,17 +29,18 @@ FUSED_SUFFIXES = ("RMSNorm", "MLP")
 
 @functools.cache
 def _compiled(cls: type, backend: str) -> Any:
+    # One compiled function per module class, shared by its instances. dynamic=True: rows, tokens,
+    # block-table width and kept rows are symbols (the runner keeps each >= 2 under ``compile``, so none
+    # specializes to 1), so new batch sizes and prompt lengths do not recompile.
     return torch.compile(cls.forward, dynamic=True, backend=backend)
 
 
-class ElementwiseFusion:
-    """Context manager: while active, the model's RMSNorm / MLP modules run compiled.
+class _CompiledForwards:
+    """Context manager: while active, each of ``self.modules`` runs ``torch.compile`` of its own forward
+    (an instance attribute shadowing the class's); reentrant and thread-safe, restored on the last exit."""
 
-    ``backend`` is torch.compile's ("inductor" fuses; tests use "eager" to check the swapping alone).
-    """
-
-    def __init__(self, model: torch.nn.Module, backend: str = "inductor") -> None:
-        self.modules = [m for m in model.modules() if type(m).__name__.endswith(FUSED_SUFFIXES)]
+    def __init__(self, modules: list[torch.nn.Module], backend: str) -> None:
+        self.modules = modules
         self.backend = backend
         self._lock = threading.Lock()
         self._active = 0
@@ -48,7 +49,7 @@ class ElementwiseFusion:
         with self._lock:
             if self._active == 0:
                 for m in self.modules:
-                    m.forward = functools.partial(_compiled(type(m), self.backend), m)  # instance attribute shadows the class's
+                    m.forward = functools.partial(_compiled(type(m), self.backend), m)
             self._active += 1
 
     def __exit__(self, *exc: Any) -> None:
@@ -57,6 +58,16 @@ class ElementwiseFusion:
             if self._active == 0:
                 for m in self.modules:
                     del m.forward
+
+
+class ElementwiseFusion(_CompiledForwards):
+    """Context manager: while active, the model's RMSNorm / MLP modules run compiled.
+
+    ``backend`` is torch.compile's ("inductor" fuses; tests use "eager" to check the swapping alone).
+    """
+
+    def __init__(self, model: torch.nn.Module, backend: str = "inductor") -> None:
+        super().__init__([m for m in model.modules() if type(m).__name__.endswith(FUSED_SUFFIXES)], backend)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -68,7 +79,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
-class CompiledLayers:
+class CompiledLayers(_CompiledForwards):
     """Context manager: while active, the model's decoder layers run ``torch.compile`` of their own forward.
 
     Why layers and not the whole model: the layers are identical code with different weights, so one
@@ -94,30 +105,7 @@ class CompiledLayers:
             for m in layer.modules():
                 if isinstance(getattr(m, "layer_idx", None), int) and LAYER_TENSOR not in m.__dict__:
                     m.__dict__[LAYER_TENSOR] = torch.tensor(m.layer_idx, dtype=torch.int64)
-        self.backend = backend
-        self._lock = threading.Lock()
-        self._active = 0
-
-    def __enter__(self) -> None:
-        with self._lock:
-            if self._active == 0:
-                for m in self.layers:
-                    m.forward = functools.partial(_compiled_layer(type(m), self.backend), m)
-            self._active += 1
-
-    def __exit__(self, *exc: Any) -> None:
-        with self._lock:
-            self._active -= 1
-            if self._active == 0:
-                for m in self.layers:
-                    del m.forward
-
-
-@functools.cache
-def _compiled_layer(cls: type, backend: str) -> Any:
-    # dynamic=True: rows, tokens, block-table width and kept rows are symbols (the runner keeps each >= 2,
-    # so none specializes to 1), so new batch sizes and prompt lengths do not recompile.
-    return torch.compile(cls.forward, dynamic=True, backend=backend)
+        super().__init__(self.layers, backend)
 
 
 def compile_config() -> Any:
