@@ -298,7 +298,7 @@ class _Planner:
 
     def _piece(self, rows: list[int], q0: int, q1: int, all_real: bool) -> None:
         """Query slots ``[q0, q1)`` of each row in ``rows``. ``all_real``: every row has ``>= q1`` query tokens."""
-        bs, group = self.block_size, self.group
+        bs = self.block_size
         nq = q1 - q0
         n = len(rows)
         consecutive = rows == list(range(rows[0], rows[0] + n))
