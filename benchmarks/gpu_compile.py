@@ -36,6 +36,7 @@ from hf_paged import ContinuousGenerator, SamplingParams
 from hf_paged.entrypoints.bench import SHAPES, Workload, build_model
 
 PROFILE_MODES: set[str] = set()  # --profile
+KV_CACHE_DTYPE = "auto"  # --kv-cache-dtype
 PARITY_SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
                     num_key_value_heads=4, head_dim=64, vocab_size=4096, tie_word_embeddings=False)
 
@@ -86,7 +87,7 @@ def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device
     warm = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
     breaks0, graphs0 = dynamo_counts()
     row: dict = {"mode": mode}
-    with ContinuousGenerator(model, progress=False, max_num_seqs=max_num_seqs, compile=mode) as gen:
+    with ContinuousGenerator(model, progress=False, max_num_seqs=max_num_seqs, compile=mode, kv_cache_dtype=KV_CACHE_DTYPE) as gen:
         t = time.perf_counter()
         gen.generate(prompts[:64], warm)
         gen.reset_prefix_cache()  # the timed run must not find the warm-up's prompts
@@ -141,6 +142,7 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--modes", default="off,all,decode", help="comma-separated subset of off,decode,all, run in order")
     p.add_argument("--no-parity", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="the engine's KV cache in every mode")
     p.add_argument("--profile", default="", help="comma-separated modes whose throughput run is repeated with the "
                    "engine's step profile (printed, not timed)")
     p.add_argument("--budget-s", type=float, default=270.0,
@@ -148,6 +150,8 @@ def main() -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     PROFILE_MODES.update(filter(None, args.profile.split(",")))
+    global KV_CACHE_DTYPE
+    KV_CACHE_DTYPE = args.kv_cache_dtype
     modes = args.modes.split(",")
     if not set(modes) <= {"off", "decode", "all"}:
         p.error(f"--modes: unknown mode in {modes}")
@@ -215,7 +219,7 @@ def render(report: dict, args, num_prompts: int) -> str:
     env = report["env"]
     lines = [
         f"\n{report['shape']} random weights, {num_prompts} prompts U[{args.min_len},{args.max_len}] -> {args.new_tokens} "
-        f"new, greedy; single stream 512 -> {args.new_tokens}; {env['gpu']}, torch {env['torch']}, transformers "
+        f"new, greedy, KV cache {args.kv_cache_dtype}; single stream 512 -> {args.new_tokens}; {env['gpu']}, torch {env['torch']}, transformers "
         f"{env['transformers']}, triton {env['triton']}; whole script {report['total_s']:.0f} s",
         "| compile | out tok/s | x eager | batch TPOT p50 ms | single TPOT ms | single TTFT ms | compile s | startup s "
         "(capture s) | graph breaks | graphs |",
