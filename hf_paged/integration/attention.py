@@ -22,6 +22,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..memory import kv_pool
+
 if TYPE_CHECKING:
     from .cache import MaskedView, PagedCache
 
@@ -393,17 +395,7 @@ def write_kv_op(
     V views, because it declares what it mutates: a mutated base tensor is what functionalization
     handles in place for sure (a mutated view is re-derived from its base, one more thing to get right).
     """
-    _write_layer(key, value, kv, scales, layer, slot_mapping)
-
-
-def _write_layer(key, value, kv, scales, layer: int, slot_mapping) -> None:
-    from ..kernels import kv_write  # the Triton writer on CUDA, the torch reference elsewhere
-
-    writer = kv_write.write_kv if kv.is_cuda else kv_write.write_kv_reference
-    k_scale = v_scale = None
-    if scales is not None:
-        k_scale, v_scale = scales[layer, 0], scales[layer, 1]
-    writer(key, value, kv[layer, 0], kv[layer, 1], slot_mapping, k_scale, v_scale)
+    kv_pool.write_layer(kv, scales, layer, key, value, slot_mapping)
 
 
 @write_kv_op.register_fake
@@ -445,10 +437,8 @@ def write_and_attend_op(
     other arguments are ``write_kv``'s (whole pool) and ``paged_attention``'s.
     """
     index = int(layer)
-    _write_layer(key, value, kv, scales, index, slot_mapping)
-    k_scale = v_scale = None
-    if scales is not None:
-        k_scale, v_scale = scales[index, 0], scales[index, 1]
+    kv_pool.write_layer(kv, scales, index, key, value, slot_mapping)
+    k_scale, v_scale = kv_pool.layer_scales(scales, index)
     step = _OpStep(block_tables, seq_lens, query_start_loc, max_query_len, _op_plans())
     return run_paged_attention(
         query, kv[index, 0], kv[index, 1], step, scale=scale, sliding_window=sliding_window, softcap=softcap,

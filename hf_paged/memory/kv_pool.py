@@ -147,15 +147,11 @@ class KVPool:
     def layer_scales(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """FP8 pools: ``(k_scale, v_scale)`` of one layer, each ``[num_blocks, block_size, num_kv_heads]``
         float32; ``(None, None)`` otherwise."""
-        if self.scales is None:
-            return None, None
-        scales = self.scales[layer_idx]
-        return scales[0], scales[1]
+        return layer_scales(self.scales, layer_idx)
 
     def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Scatter new tokens' K/V (``[num_tokens, num_kv_heads, head_dim]``) into their slots; slot -1 = skip."""
-        k_cache, v_cache = self.layer(layer_idx)
-        _kv_writer(k_cache.is_cuda)(key, value, k_cache, v_cache, slot_mapping, *self.layer_scales(layer_idx))
+        write_layer(self.kv, self.scales, layer_idx, key, value, slot_mapping)
 
     def read_dense(self, layer_idx: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the given slots (``[n]`` int64) as ``[n, num_kv_heads, head_dim]`` in the model's
@@ -241,3 +237,19 @@ def check_kv_cache_dtype(kv_cache_dtype: str, device: torch.device) -> None:
             f"kv_cache_dtype='fp8' needs a GPU with float8 e4m3 support (compute capability 8.9+: Ada, Hopper or "
             f"newer); {torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}"
         )
+
+
+def layer_scales(scales: torch.Tensor | None, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One layer's ``(k_scale, v_scale)`` of a pool's ``scales`` tensor (None for pools without scales)."""
+    if scales is None:
+        return None, None
+    return scales[layer_idx, 0], scales[layer_idx, 1]
+
+
+def write_layer(
+    kv: torch.Tensor, scales: torch.Tensor | None, layer_idx: int, key: torch.Tensor, value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """The one K/V writer: ``KVPool.write`` and the ``hf_paged::write_kv`` / ``write_and_attend`` ops (which
+    hold the pool's tensors, not the pool) both store through it."""
+    _kv_writer(kv.is_cuda)(key, value, kv[layer_idx, 0], kv[layer_idx, 1], slot_mapping, *layer_scales(scales, layer_idx))
