@@ -21,6 +21,7 @@ import pytest
 import torch
 import transformers
 from models import make_model
+from test_async_engine import collect, run
 from test_generator import char_tokenizer
 
 from hf_paged import AsyncEngine, EngineDeadError, EngineProcessError, ModelSpec, SamplingParams
@@ -46,22 +47,6 @@ class BoomForCausalLM(transformers.LlamaForCausalLM):
             raise RuntimeError("boom: token {BOOM} reached the model")
         return super().forward(input_ids=input_ids, **kwargs)
 '''
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
-
-
-async def collect(stream) -> dict[int, list]:
-    """sample -> [token ids, finish_reason, text]."""
-    out: dict[int, list] = {}
-    async for event in stream:
-        entry = out.setdefault(event.sample, [[], None, ""])
-        entry[0].extend(event.token_ids)
-        entry[2] += event.text or ""
-        if event.finished:
-            entry[1] = event.finish_reason
-    return out
 
 
 def stock_greedy(model, prompt: list[int], new: int) -> list[int]:
