@@ -73,6 +73,18 @@ def test_swap_on_gpu_matches_no_preemption(kv_cache_dtype):
     assert gen.pool.allocator.is_whole() and gen.core.scheduler.num_swap_slots_used == 0
 
 
+def check_logprobs_against_stock_forward(model, prompts, results, tol: float) -> None:
+    """The engine's logprobs equal a stock forward's over its own outputs (within ``tol``), and each greedy
+    token is the stock argmax or within a near tie of it."""
+    for p, res in zip(prompts, results):
+        with torch.no_grad():
+            lp = model(torch.tensor([p + res.token_ids], device="cuda")).logits[0, len(p) - 1 : -1].double().log_softmax(-1)
+        for i, (tok, entry) in enumerate(zip(res.token_ids, res.logprobs)):
+            assert abs(entry.logprob - lp[i, tok].item()) < tol
+            top2 = lp[i].topk(2).values
+            assert tok == lp[i].argmax() or top2[0] - top2[1] < 2 * tol
+
+
 def test_fine_grained_fp8_weights_under_the_engine():
     """A model quantized by transformers' FineGrainedFP8Config (FP8 weights, 128x128 block scales) runs
     under enable() and ContinuousGenerator: greedy tokens equal stock generate on the same quantized model
@@ -96,13 +108,7 @@ def test_fine_grained_fp8_weights_under_the_engine():
     gen = ContinuousGenerator(model, num_blocks=64, progress=False)
     results = gen.generate(prompts, SamplingParams(max_new_tokens=16, temperature=0, logprobs=0, ignore_eos=True))
     tol = 0.1  # bf16 activations: the packed forward and stock generate round differently
-    for p, res in zip(prompts, results):
-        with torch.no_grad():
-            lp = model(torch.tensor([p + res.token_ids], device="cuda")).logits[0, len(p) - 1 : -1].double().log_softmax(-1)
-        for i, (tok, entry) in enumerate(zip(res.token_ids, res.logprobs)):
-            assert abs(entry.logprob - lp[i, tok].item()) < tol
-            top2 = lp[i].topk(2).values
-            assert tok == lp[i].argmax() or top2[0] - top2[1] < 2 * tol
+    check_logprobs_against_stock_forward(model, prompts, results, tol)
     hf_paged.enable(model, num_blocks=64)
     try:
         for p in prompts[:3]:
