@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..integration.decode_graphs import capture_cuda_graph
 from ..memory.kv_pool import KVPool
 from ..memory.metadata import StepMetadata
 
@@ -127,15 +128,8 @@ class DecodeGraphs:
 
     def _capture(self, b: _Bucket) -> None:
         start = time.perf_counter()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):  # warm up: Triton compiles, cuBLAS picks algorithms
-                self._forward(b)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
-            b.logits = self._forward(b)
+        with torch.inference_mode():
+            graph, b.logits = capture_cuda_graph(lambda: self._forward(b), pool=self._pool)
         self._pool = graph.pool()
         b.graph = graph
         torch.cuda.synchronize()

@@ -59,6 +59,23 @@ MIN_WIDTH = 16  # smallest block-table width captured (256 tokens at block size 
 MAX_GRAPHS = 8  # graphs kept per model; the least recently used goes first
 
 
+def capture_cuda_graph(fn: Callable[[], Any], *, pool: Any = None, error_mode: str = "global") -> tuple[Any, Any]:
+    """``(graph, output)``: ``fn`` run twice on a side stream first (Triton compiles, cuBLAS picks its
+    algorithms: neither may happen during capture), then one call captured. The engine's decode graphs
+    and ``enable()``'s both capture through this. ``pool``: a graph memory pool to share; ``error_mode``:
+    ``torch.cuda.graph``'s ``capture_error_mode``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode):
+        output = fn()
+    return graph, output
+
+
 def table_width(blocks_needed: int, expected_len: int, block_size: int) -> int:
     """Block-table width of a step's graph: a power of two covering this step and, when known, the
     call's expected length, so one graph serves a whole call."""
@@ -330,16 +347,8 @@ class DecodeGraphs:
         start = time.perf_counter()
         try:
             with cache.static_step(graph.step), torch.no_grad():
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        forward(**call)
-                torch.cuda.current_stream().wait_stream(stream)
-                cuda_graph = torch.cuda.CUDAGraph()
                 # thread_local: another thread's CUDA work (a concurrent generate) does not break the capture.
-                with torch.cuda.graph(cuda_graph, capture_error_mode="thread_local"):
-                    output = forward(**call)
+                cuda_graph, output = capture_cuda_graph(lambda: forward(**call), error_mode="thread_local")
             if not hasattr(output, "items") or not isinstance(output.get("logits"), torch.Tensor):
                 raise TypeError(f"the forward returned {type(output).__name__} without logits")
         except Exception as error:  # an op that cannot be captured: this key runs the static path eagerly
