@@ -22,7 +22,6 @@ from typing import Any
 
 from .core import EngineCore, EngineStats, RequestGroup, RequestMetrics
 from .inputs import RequestLimits
-from .request import Request
 from .sampling_params import SamplingParams
 
 
@@ -125,7 +124,7 @@ class StepLoop:
                     return
                 if core.has_unfinished():
                     result = core.step()
-                    out.events.extend(self._record(r) for r in result.advanced)
+                    out.events.extend(map(core.event_record, result.advanced))
                     for group in result.finished:
                         self._finished(group, out)
                 elif not commands:
@@ -164,12 +163,9 @@ class StepLoop:
         if group is None:
             return
         result = self.core.abort(group)
-        out.events.extend(self._record(r) for r in result.advanced)
+        out.events.extend(map(self.core.event_record, result.advanced))
         for g in result.finished:
             self._finished(g, out)
-
-    def _record(self, request: Request) -> EventRecord:
-        return self.core.event_record(request)
 
     def _finished(self, group: RequestGroup, out: StepOutput) -> None:
         self.groups.pop(group.request_id, None)
