@@ -81,6 +81,27 @@ def parity(device: str, modes: list[str]) -> dict:
     return row
 
 
+def replay_floor_ms(gen, device: str, sizes=(1, 64, 256)) -> dict:
+    """GPU milliseconds per decode-graph replay with nothing between replays, per captured batch size."""
+    graphs = gen.runner.graphs
+    out = {}
+    if graphs is None or not device.startswith("cuda"):
+        return out
+    for size in sizes:
+        b = graphs._buckets.get(graphs.bucket_for(size))
+        if b is None or b.graph is None:
+            continue
+        b.graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            b.graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        out[b.size] = round(start.elapsed_time(end) / 20, 3)
+    return out
+
+
 def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device: str, max_num_seqs: int) -> dict:
     """Phase 2 for one mode: warm-up (compiles), graph capture, throughput, single stream."""
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -123,6 +144,17 @@ def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device
         sync(device)
         row["single_tpot_ms"] = 1e3 * (r.latency_s - r.ttft_s) / (len(r.token_ids) - 1)
         row["single_ttft_ms"] = 1e3 * r.ttft_s
+        if mode in PROFILE_MODES:
+            # The single stream again with the step profile, then the GPU floor of its decode step: the
+            # one-row graph replayed back to back (no host work between replays).
+            gen.reset_prefix_cache()
+            gen.options = dataclasses.replace(gen.options, profile=True)
+            gen.generate(one, greedy)
+            gen.options = dataclasses.replace(gen.options, profile=False)
+            row["single_profile"] = gen.stats.profile.render()
+            log(f"{mode}: step profile of the single stream\n{row['single_profile']}")
+            row["replay_floor_ms"] = replay_floor_ms(gen, device)
+            log(f"{mode}: GPU floor of a decode step (graph replays back to back, ms): {row['replay_floor_ms']}")
         row["compile_s"] = gen.runner.compile_seconds
         log(f"{mode}: single stream 512 -> {new_tokens}: TPOT {row['single_tpot_ms']:.2f} ms, TTFT "
             f"{row['single_ttft_ms']:.1f} ms; compile {row['compile_s']:.0f} s, startup {row['startup_s']:.0f} s "
