@@ -102,13 +102,35 @@ def replay_floor_ms(gen, device: str, sizes=(1, 64, 256)) -> dict:
     return out
 
 
-def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device: str, max_num_seqs: int) -> dict:
+def replay_kernels(gen, device: str, size: int, replays: int = 10) -> str:
+    """Kernel time of one decode-graph replay of batch ``size``, top kernels (torch profiler, CUDA only)."""
+    graphs = gen.runner.graphs
+    b = graphs._buckets.get(graphs.bucket_for(size)) if graphs is not None else None
+    if b is None or b.graph is None or not device.startswith("cuda"):
+        return "(no graph)"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            b.graph.replay()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in rows) / replays / 1e3
+    lines = [f"  all kernels {total:.3f} ms per replay (bucket {b.size})"]
+    for e in rows[:14]:
+        lines.append(f"  {e.device_time_total / replays / 1e3:7.3f} ms {e.count // replays:4d}x  {e.key[:90]}")
+    return "\n".join(lines)
+
+
+def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device: str, max_num_seqs: int,
+             max_num_batched_tokens: int = 8192) -> dict:
     """Phase 2 for one mode: warm-up (compiles), graph capture, throughput, single stream."""
     greedy = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     warm = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
     breaks0, graphs0 = dynamo_counts()
     row: dict = {"mode": mode}
-    with ContinuousGenerator(model, progress=False, max_num_seqs=max_num_seqs, compile=mode, kv_cache_dtype=KV_CACHE_DTYPE) as gen:
+    with ContinuousGenerator(model, progress=False, max_num_seqs=max_num_seqs, compile=mode, kv_cache_dtype=KV_CACHE_DTYPE,
+                             max_num_batched_tokens=max_num_batched_tokens) as gen:
         t = time.perf_counter()
         gen.generate(prompts[:64], warm)
         gen.reset_prefix_cache()  # the timed run must not find the warm-up's prompts
@@ -132,10 +154,21 @@ def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device
             # of step): where the remaining time goes. Not timed for the table.
             gen.reset_prefix_cache()
             gen.options = dataclasses.replace(gen.options, profile=True)
+            t = time.perf_counter()
             gen.generate(prompts, greedy)
+            sync(device)
+            whole = time.perf_counter() - t
             gen.options = dataclasses.replace(gen.options, profile=False)
             row["profile"] = gen.stats.profile.render()
-            log(f"{mode}: step profile of the same workload\n{row['profile']}")
+            log(f"{mode}: step profile of the same workload (generate() took {whole:.2f} s, "
+                f"{whole - gen.stats.profile.wall_s:.2f} s of it outside steps)\n{row['profile']}")
+            gen.reset_prefix_cache()
+            t = time.perf_counter()
+            again = gen.generate(prompts, greedy)
+            sync(device)
+            wall2 = time.perf_counter() - t
+            row["out_tok_s_run2"] = sum(len(r.token_ids) for r in again) / wall2
+            log(f"{mode}: the timed workload once more: {row['out_tok_s_run2']:,.0f} out tok/s ({wall2:.2f} s)")
         one = [(prompts[0] * (512 // len(prompts[0]) + 1))[:512]]  # a 512-token prompt
         gen.generate(one, warm)
         gen.reset_prefix_cache()
@@ -155,6 +188,8 @@ def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device
             log(f"{mode}: step profile of the single stream\n{row['single_profile']}")
             row["replay_floor_ms"] = replay_floor_ms(gen, device)
             log(f"{mode}: GPU floor of a decode step (graph replays back to back, ms): {row['replay_floor_ms']}")
+            for size in (1, 256):
+                log(f"{mode}: kernels of one decode-graph replay, batch {size}:\n{replay_kernels(gen, device, size)}")
         row["compile_s"] = gen.runner.compile_seconds
         log(f"{mode}: single stream 512 -> {new_tokens}: TPOT {row['single_tpot_ms']:.2f} ms, TTFT "
             f"{row['single_ttft_ms']:.1f} ms; compile {row['compile_s']:.0f} s, startup {row['startup_s']:.0f} s "
@@ -172,6 +207,7 @@ def main() -> int:
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--modes", default="off,all,decode", help="comma-separated subset of off,decode,all, run in order")
     p.add_argument("--no-parity", action="store_true")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="the engine's KV cache in every mode")
@@ -230,7 +266,8 @@ def main() -> int:
             continue
         t = time.perf_counter()
         try:
-            rows.append(run_mode(model, mode, prompts, args.new_tokens, device, args.max_num_seqs))
+            rows.append(run_mode(model, mode, prompts, args.new_tokens, device, args.max_num_seqs,
+                                 args.max_num_batched_tokens))
         except Exception:
             traceback.print_exc()
             rows.append({"mode": mode, "error": traceback.format_exc(limit=3).strip().splitlines()[-1]})

@@ -25,21 +25,25 @@ class StepProfile:
     sample_s: float = 0.0
     update_s: float = 0.0
     gpu_span_s: float = 0.0
+    decode_gpu_span_s: float = 0.0  # the part of gpu_span_s spent in decode-only steps
     _events: list = field(default_factory=list)
 
     def gpu_start(self) -> None:
         if self.device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
             start.record()
-            self._events.append([start, None])
+            self._events.append([start, None, False])
 
     def add(self, batch, t0: float, t1: float, t2: float, t3: float, t4: float) -> None:
         if self._events and self._events[-1][1] is None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             self._events[-1][1] = end
+        decode = all(s.num_scheduled_tokens == 1 for s in batch.requests)
+        if self._events:
+            self._events[-1][2] = decode
         self.steps += 1
-        self.decode_steps += all(s.num_scheduled_tokens == 1 for s in batch.requests)
+        self.decode_steps += decode
         self.tokens += batch.num_scheduled_tokens
         self.schedule_s += t1 - t0
         self.forward_s += t2 - t1
@@ -49,7 +53,9 @@ class StepProfile:
     def finish(self) -> None:
         if self._events:
             torch.cuda.synchronize(self.device)
-            self.gpu_span_s = sum(s.elapsed_time(e) for s, e in self._events if e is not None) / 1e3
+            spans = [(s.elapsed_time(e) / 1e3, decode) for s, e, decode in self._events if e is not None]
+            self.gpu_span_s = sum(t for t, _ in spans)
+            self.decode_gpu_span_s = sum(t for t, decode in spans if decode)
             self._events.clear()
 
     @property
@@ -71,5 +77,12 @@ class StepProfile:
             lines.append(
                 f"  {'forward..sampled span (GPU + gaps)':<34} {self.gpu_span_s:8.3f} s {self.gpu_span_s * per:8.3f} ms/step "
                 f"{self.gpu_span_s / wall:6.1%} of wall"
+            )
+            other = self.steps - self.decode_steps
+            lines.append(
+                f"    of which decode-only steps       {self.decode_gpu_span_s:8.3f} s "
+                f"{self.decode_gpu_span_s * 1e3 / max(1, self.decode_steps):8.3f} ms/step; other steps "
+                f"{self.gpu_span_s - self.decode_gpu_span_s:.3f} s "
+                f"{(self.gpu_span_s - self.decode_gpu_span_s) * 1e3 / max(1, other):.3f} ms/step"
             )
         return "\n".join(lines)
