@@ -81,6 +81,20 @@ def parity(device: str, modes: list[str]) -> dict:
     return row
 
 
+def triton_variants() -> dict[str, int]:
+    """Compiled variants per hf_paged Triton kernel so far (a variant compiles on its first launch)."""
+    import importlib
+
+    out = {}
+    for mod in ("hf_paged.kernels.paged_attention", "hf_paged.kernels.kv_write"):
+        m = importlib.import_module(mod)
+        for name, fn in vars(m).items():
+            caches = getattr(fn, "device_caches", None)
+            if isinstance(caches, dict):
+                out[name] = sum(len(c[0]) if isinstance(c, tuple) else len(c) for c in caches.values())
+    return out
+
+
 def replay_floor_ms(gen, device: str, sizes=(1, 64, 256)) -> dict:
     """GPU milliseconds per decode-graph replay with nothing between replays, per captured batch size."""
     graphs = gen.runner.graphs
@@ -139,10 +153,15 @@ def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device
         sync(device)
         row["startup_s"] = time.perf_counter() - t
         row["capture_s"] = gen.runner.graphs.capture_seconds if gen.runner.graphs else 0.0
+        jit0, compile0 = triton_variants(), gen.runner.compile_seconds
         t = time.perf_counter()
         results = gen.generate(prompts, greedy)
         sync(device)
         wall = time.perf_counter() - t
+        row["first_run_jit"] = {k: v - jit0.get(k, 0) for k, v in triton_variants().items() if v != jit0.get(k, 0)}
+        row["first_run_compile_s"] = gen.runner.compile_seconds - compile0
+        log(f"{mode}: compiled during the timed run: Triton variants {row['first_run_jit']}, "
+            f"torch.compile {row['first_run_compile_s']:.1f} s")
         out_tokens = sum(len(r.token_ids) for r in results)
         tpot = [(r.latency_s - r.ttft_s) / (len(r.token_ids) - 1) for r in results if len(r.token_ids) > 1]
         row.update(out_tok_s=out_tokens / wall, wall_s=wall, tpot_p50_ms=1e3 * statistics.median(tpot),

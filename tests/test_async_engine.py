@@ -276,12 +276,16 @@ def test_overload_is_refused_at_once_while_accepted_requests_finish():
 
 
 def test_shutdown_drains_in_flight_requests_then_refuses_new_ones():
+    import gc
+
+    frozen_before = gc.get_freeze_count()
     engine = new_engine(max_num_seqs=4)
     params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
 
     async def main():
         tasks = [asyncio.create_task(collect(engine.generate(p, params))) for p in prompts(6, seed=3)]
         await asyncio.sleep(0.01)
+        assert gc.get_freeze_count() > frozen_before
         await asyncio.to_thread(engine.shutdown, 60.0)
         outs = await asyncio.gather(*tasks)
         with pytest.raises(EngineDeadError, match="shut down"):
@@ -291,6 +295,9 @@ def test_shutdown_drains_in_flight_requests_then_refuses_new_ones():
     outs = run(main())
     assert all(o[0][1] == "length" and len(o[0][0]) == 30 for o in outs)
     assert not engine.is_healthy and not engine._backend.is_alive()
+    # The step loop froze the objects older than it for its life (no collector pauses over the model), and
+    # gave them back to the collector when it stopped.
+    assert gc.get_freeze_count() == frozen_before
     engine.shutdown()  # idempotent
 
 

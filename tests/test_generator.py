@@ -318,3 +318,32 @@ def test_pool_layout_is_checked_on_the_first_forward():
     sched.add(Request(0, 0, 0, 3, [5, 6, 7], SamplingParams(), seed=0, arrival_time=0.0))
     with pytest.raises(AssertionError, match="sized from the config"):
         ModelRunner(model, pool, "auto").execute(sched.schedule())
+
+
+def test_runs_freeze_older_objects_and_collect_them_afterwards():
+    """Collections during a run skip the objects that existed before it (no pauses walking the model), and
+    a garbage cycle of such objects is still collected once the run is over, also when it ends early."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    model, refs = model_and_refs("llama")
+    gen = new_generator(model)
+    before = gc.get_freeze_count()
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a cycle: only the collector frees it
+    alive = weakref.ref(a)
+    events = gen.stream(make_prompts(), GREEDY)
+    next(events)
+    assert gc.get_freeze_count() > before  # the model's objects and the cycle are frozen now
+    del a, b
+    gc.collect()
+    assert alive() is not None  # frozen: skipped by the collection
+    events.close()
+    assert gc.get_freeze_count() == before
+    gc.collect()
+    assert alive() is None
+    assert_parity(gen.generate(make_prompts(), GREEDY), refs, "llama")
+    assert gc.get_freeze_count() == before

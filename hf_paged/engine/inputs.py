@@ -73,6 +73,10 @@ def prompt_token_ids(where: str, prompt: Any, tokenizer: Any, num_embeddings: in
             ids = prompt.tolist()
         else:
             ids = list(prompt)
+        # Plain ints (the common case) are checked at C speed: a per-token Python check cost ~2.5 us per
+        # token, i.e. 0.7 s for 512 prompts of ~550 tokens, on the caller's critical path.
+        if ids and set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < num_embeddings:
+            return ids  # already a fresh list (list(prompt) or .tolist())
         bad = next((t for t in ids if not _is_token_id(t, num_embeddings)), None)
         if bad is not None:
             raise ValueError(f"{where}: prompt token id {bad!r} is not an int in [0, {num_embeddings})")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .core import EngineCore, EngineStats, RequestGroup, RequestMetrics
+from .gc_freeze import objects_before_frozen
 from .inputs import RequestLimits
 from .sampling_params import SamplingParams
 
@@ -110,27 +111,8 @@ class StepLoop:
         """
         core = self.core
         try:
-            while True:
-                commands, stop = take(not core.has_unfinished())
-                out = StepOutput()
-                for command in commands:
-                    self._apply(command, out)
-                if stop:
-                    for request_id in list(self.groups):
-                        self._abort(request_id, out)
-                    out.stats, out.final = core.stats(), True
-                    core.close()
-                    publish(out)
-                    return
-                if core.has_unfinished():
-                    result = core.step()
-                    out.events.extend(map(core.event_record, result.advanced))
-                    for group in result.finished:
-                        self._finished(group, out)
-                elif not commands:
-                    continue  # woken with nothing to do
-                out.stats = core.stats()
-                publish(out)
+            with objects_before_frozen():  # for the loop's life: no collector pauses that walk the model's objects
+                self._loop(take, publish)
         except BaseException as error:  # noqa: BLE001 - every failure must reach the callers, not vanish
             stats = None
             try:
@@ -140,6 +122,30 @@ class StepLoop:
                 pass
             self.groups.clear()
             on_failure(error, stats)
+
+    def _loop(self, take: Callable[[bool], tuple[list, bool]], publish: Callable[[StepOutput], None]) -> None:
+        core = self.core
+        while True:
+            commands, stop = take(not core.has_unfinished())
+            out = StepOutput()
+            for command in commands:
+                self._apply(command, out)
+            if stop:
+                for request_id in list(self.groups):
+                    self._abort(request_id, out)
+                out.stats, out.final = core.stats(), True
+                core.close()
+                publish(out)
+                return
+            if core.has_unfinished():
+                result = core.step()
+                out.events.extend(map(core.event_record, result.advanced))
+                for group in result.finished:
+                    self._finished(group, out)
+            elif not commands:
+                continue  # woken with nothing to do
+            out.stats = core.stats()
+            publish(out)
 
     def _apply(self, command: Any, out: StepOutput) -> None:
         core = self.core

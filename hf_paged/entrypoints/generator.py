@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..engine.core import EngineCore, RequestGroup
+from ..engine.gc_freeze import objects_before_frozen
 from ..engine.profile import StepProfile
 from ..engine.request import GenerationResult, Request, SampleResult, StreamEvent
 from ..engine.sampling_params import SamplingParams
@@ -271,13 +272,14 @@ class ContinuousGenerator:
             profile = self._stats.profile = core.profile = StepProfile(core.device) if self.options.profile else None
             bar = _progress_bar(sum(len(g.requests) for g in groups), self.options.progress)
             try:
-                core.prepare(groups)  # one graph capture for the whole run, not one per longer request
-                for group in groups:
-                    core.add(group)
-                while core.has_unfinished():
-                    advanced = core.step().advanced
-                    bar.update(sum(1 for r in advanced if r.finished))
-                    yield advanced
+                with objects_before_frozen():  # no collector pauses that walk the model's objects
+                    core.prepare(groups)  # one graph capture for the whole run, not one per longer request
+                    for group in groups:
+                        core.add(group)
+                    while core.has_unfinished():
+                        advanced = core.step().advanced
+                        bar.update(sum(1 for r in advanced if r.finished))
+                        yield advanced
             except BaseException:
                 # KeyboardInterrupt, an error in a forward, or the consumer of stream() leaving early.
                 core.abort_all()
@@ -307,8 +309,9 @@ class ContinuousGenerator:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts; pass one or one per prompt")
-        checked = [self.core.check(f"request {i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params_list))]
-        return [self.core.make_group(f"gen-{i}", i, ids, params, text=text) for i, (ids, params) in enumerate(checked)]
+        with objects_before_frozen():
+            checked = [self.core.check(f"request {i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params_list))]
+            return [self.core.make_group(f"gen-{i}", i, ids, params, text=text) for i, (ids, params) in enumerate(checked)]
 
     # ---- outputs ---------------------------------------------------------------------------------
     def _result(self, group: RequestGroup) -> GenerationResult:
