@@ -14,7 +14,7 @@ KV_CACHE_DTYPES = ("auto", "fp8")
 # What a preempted request's K/V become: dropped and recomputed later, or copied to host memory and back.
 PREEMPTION_MODES = ("recompute", "swap")
 # Which engine steps run ``torch.compile`` of the model: none, decode steps (and their CUDA graphs), or all.
-COMPILE_MODES = ("off", "decode", "all")
+COMPILE_MODES = ("auto", "off", "decode", "all")
 
 
 def from_kwargs(cls: type[T], kwargs: dict[str, Any], *, where: str) -> T:
@@ -113,8 +113,9 @@ class EngineOptions:
     preemption_mode: str = "recompute"  # "swap": preempted requests' blocks go to host memory and back
     swap_space_gb: float = 4.0  # host memory for swapped-out blocks (GiB), allocated in "swap" mode only
     # "decode" / "all": those steps run torch.compile of the model around the opaque paged-attention op
-    # (fused norms, RoPE, MLP; decode CUDA graphs capture the compiled forward); "off": eager.
-    compile: str = "off"
+    # (fused norms, RoPE, MLP; decode CUDA graphs capture the compiled forward); "off": eager; "auto":
+    # "all" where it is measured and tested (CUDA, Triton kernels, one GPU), else "off".
+    compile: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -128,7 +129,7 @@ class EngineOptions:
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
-        if self.compile != "off" and self.fuse_elementwise:
+        if self.compile in ("decode", "all") and self.fuse_elementwise:
             raise ValueError(
                 f"fuse_elementwise=True and compile={self.compile!r} are alternatives (the compiled forward already "
                 "fuses the norms and MLPs); choose one"

@@ -128,6 +128,49 @@ def test_compile_option_is_checked():
         ContinuousGenerator(make_model("llama"), progress=False, num_blocks=8, compile="yes")
 
 
+def test_auto_compiles_only_where_measured_and_tested():
+    from hf_paged.engine.model_runner import resolve_compile
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    llama = make_model("llama")
+    assert resolve_compile("auto", llama, cuda, "auto", False) == "all"
+    assert resolve_compile("auto", make_model("gemma2"), cuda, "triton", False) == "all"
+    assert resolve_compile("auto", llama, cpu, "auto", False) == "off"  # CPU: eager
+    assert resolve_compile("auto", llama, cuda, "torch", False) == "off"  # the torch attention reference
+    assert resolve_compile("auto", llama, cuda, "auto", True) == "off"  # fuse_elementwise asked for instead
+    assert resolve_compile("auto", make_model("opt"), cuda, "auto", False) == "off"  # not checked on a GPU
+    llama._tp_size = 2  # what transformers sets on a tensor-parallel model
+    try:
+        assert resolve_compile("auto", llama, cuda, "auto", False) == "off"
+    finally:
+        del llama._tp_size
+    assert resolve_compile("all", make_model("opt"), cpu, "auto", False) == "all"  # explicit modes stay
+    gen = ContinuousGenerator(llama, progress=False, num_blocks=8)  # the default, on CPU
+    assert gen.options.compile == "auto" and gen.runner.compile_mode == "off"
+
+
+@pytest.mark.slow
+def test_a_failing_compile_warns_and_runs_eagerly(monkeypatch):
+    """A compiler failure (here: a torch.compile backend that raises) leaves a working, eager generator
+    with the same tokens, not a dead one."""
+    from hf_paged.engine import model_runner
+
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    monkeypatch.setattr(model_runner, "CompiledLayers", lambda model, backend="inductor": CompiledLayers(model, broken_backend))
+    model, stock = model_and_stock("llama")
+    torch._dynamo.reset()
+    gen = ContinuousGenerator(model, progress=False, num_blocks=64, compile="all")
+    assert gen.runner.compile_mode == "all"
+    with pytest.warns(RuntimeWarning, match="torch.compile of the decoder layers failed .*running eagerly"):
+        out = gen.generate(prompts(), PARAMS)
+    assert gen.runner.compile_mode == "off"
+    assert [r.token_ids for r in out] == stock
+    assert [r.token_ids for r in gen.generate(prompts(), PARAMS)] == stock
+    assert gen.pool.allocator.is_whole()
+
+
 def _pool_and_step(dtype=torch.float32):
     layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=dtype, device=torch.device("cpu"))
     pool = KVPool(layout, num_blocks=8, block_size=16)

@@ -23,6 +23,10 @@ import torch
 
 from ..integration.attention import LAYER_TENSOR
 
+# Model types whose compiled decoder layers are checked on a GPU against stock ``generate``
+# (tests/test_compile_gpu.py): where ``compile="auto"`` compiles.
+AUTO_COMPILE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox"})
+
 # Class-name suffixes of the modules compiled: pure tensor functions in every transformers model.
 FUSED_SUFFIXES = ("RMSNorm", "MLP")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +28,9 @@ import torch
 
 from ..integration.attention import CACHE_KWARG, active_cache, implementation_switch
 from ..integration.cache import PagedCache
-from ..integration.tensor_parallel import kv_heads_per_rank
+from ..integration.tensor_parallel import kv_heads_per_rank, tensor_parallel_size
 from .cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs
-from .fusion import CompiledLayers, ElementwiseFusion, compile_config
+from .fusion import AUTO_COMPILE_MODEL_TYPES, CompiledLayers, ElementwiseFusion, compile_config, decoder_layers
 from ..memory.kv_pool import KVLayout, KVPool
 from ..memory.metadata import StepMetadata, build_step_metadata
 from .scheduler import ScheduledBatch
@@ -123,8 +124,9 @@ class ModelRunner:
         cuda_graphs: replay captured CUDA graphs for decode steps (CUDA only).
         max_num_seqs: largest decode batch a graph is captured for.
         fuse_elementwise: run the model's RMSNorm / MLP modules compiled (``fusion.py``; CUDA only).
-        compile: "off", "decode" (decode steps and their CUDA graphs run ``torch.compile`` of the model)
-            or "all" (every step does).
+        compile: "off", "decode" (decode steps and their CUDA graphs run ``torch.compile`` of the model),
+            "all" (every step does) or "auto" (``resolve_compile``). If compiling fails, the runner warns
+            and runs eagerly from then on.
         compile_backend: ``torch.compile``'s backend ("inductor" fuses; "aot_eager" traces without generating code).
     """
 
@@ -153,6 +155,7 @@ class ModelRunner:
         self._use_graphs = cuda_graphs and self.device.type == "cuda" and backend != "torch"
         self.max_num_seqs = max_num_seqs
         self.graphs: DecodeGraphs | None = None
+        compile = resolve_compile(compile, model, self.device, backend, fuse_elementwise)
         use_fusion = fuse_elementwise and self.device.type == "cuda" and compile == "off"
         self.fusion = ElementwiseFusion(model) if use_fusion else contextlib.nullcontext()
         self.compile_mode = compile
@@ -273,6 +276,7 @@ class ModelRunner:
         The eager path and the captured decode graphs both run exactly this; ``compiled`` runs the model
         through ``torch.compile`` (same computation, fused elementwise kernels).
         """
+        compiled = compiled and self.compile_mode != "off"  # off after a failed compile (see below)
         self.cache.set_step(step)
         extra = {}
         layers: Any = contextlib.nullcontext()
@@ -282,16 +286,31 @@ class ModelRunner:
             extra = {CACHE_KWARG: self.cache}  # the ContextVar below is invisible to Dynamo
             frames = _compile_frames()
             start = time.perf_counter()
-        with torch.inference_mode(), self.switch, self.fusion, active_cache(self.cache), layers, settings:
-            out = self.model(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                attention_mask=self.dummy_mask,
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=logits_to_keep,
-                **extra,
+        try:
+            with torch.inference_mode(), self.switch, self.fusion, active_cache(self.cache), layers, settings:
+                out = self.model(
+                    input_ids=input_ids,
+                    position_ids=position_ids,
+                    attention_mask=self.dummy_mask,
+                    past_key_values=self.cache,
+                    use_cache=True,
+                    logits_to_keep=logits_to_keep,
+                    **extra,
+                )
+        except torch._dynamo.exc.TorchDynamoException as error:
+            if not compiled:
+                raise
+            # Dynamo or Inductor could not compile a layer (an unsupported construct, a compiler missing
+            # on the machine): a slower engine beats a dead one. Safe to rerun: a layer that ran compiled
+            # before the failure wrote the same K/V the eager rerun writes again.
+            warnings.warn(
+                f"torch.compile of the decoder layers failed ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); running eagerly from now on",
+                RuntimeWarning,
+                stacklevel=2,
             )
+            self.compile_mode, self._compiled_layers = "off", None
+            return self.forward(input_ids, position_ids, step, logits_to_keep)
         if compiled and _compile_frames() != frames:  # this call compiled: count it as startup time
             self.compile_seconds += time.perf_counter() - start
         return out.logits[0]
@@ -313,6 +332,24 @@ class ModelRunner:
             return cache.update(key_states, value_states, layer_idx, *args, **kwargs)
 
         cache.update = checked_update
+
+
+def resolve_compile(requested: str, model: torch.nn.Module, device: torch.device, backend: str, fuse_elementwise: bool) -> str:
+    """The compile mode a runner uses: ``requested``, except that "auto" means "all" where compiled layers
+    are measured and tested (CUDA, the Triton kernels, one GPU: compile under tensor parallelism is not
+    tested, a model type in ``AUTO_COMPILE_MODEL_TYPES``, ``fuse_elementwise`` off) and "off" elsewhere."""
+    if requested != "auto":
+        return requested
+    model_type = getattr(model.config.get_text_config(), "model_type", None)
+    usable = (
+        device.type == "cuda"
+        and backend != "torch"
+        and not fuse_elementwise
+        and tensor_parallel_size(model) == 1
+        and model_type in AUTO_COMPILE_MODEL_TYPES
+        and bool(decoder_layers(model))
+    )
+    return "all" if usable else "off"
 
 
 def _compile_frames() -> int:

@@ -337,6 +337,7 @@ def main_bench(args) -> int:
         "prefix_caching": not args.no_prefix_caching,
         "fuse_elementwise": args.fuse_elementwise,
         "profile": args.profile,
+        "compile": args.compile,
     }
     results = run_all(model, workload, args.systems.split(","), device, args.hf_batch_size, cg_options)
     print(f"model {args.model} ({dtype}) on {device}; {workload}")

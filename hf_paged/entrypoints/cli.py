@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ..options import COMPILE_MODES
+
 # Accepted --dtype spellings -> torch dtype names.
 DTYPES = {
     "float64": "float64", "double": "float64", "fp64": "float64",
@@ -103,6 +105,9 @@ def _add_bench(sub) -> None:
     bench.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     bench.add_argument("--no-prefix-caching", action="store_true", help="turn ContinuousGenerator's prefix cache off")
     bench.add_argument("--fuse-elementwise", action="store_true", help="torch.compile the model's norms and MLPs (CUDA)")
+    bench.add_argument("--compile", choices=COMPILE_MODES, default="auto",
+                       help="torch.compile ContinuousGenerator's decoder layers: auto (all on one CUDA GPU for "
+                            "supported models), off, decode or all")  # fmt: skip
     bench.add_argument("--plot", metavar="PNG",
                        help='also sweep ContinuousGenerator over concurrency and plot every system to this PNG '
                             '(needs matplotlib: pip install "hf_paged[plot]")')  # fmt: skip

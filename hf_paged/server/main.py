@@ -20,6 +20,7 @@ import sys
 from typing import Any
 
 from ..engine.model_spec import EMBEDDED_NAME  # a light module: --help stays fast
+from ..options import COMPILE_MODES
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +65,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--no-cuda-graphs", action="store_true")
     engine.add_argument("--no-prefix-caching", action="store_true")
     engine.add_argument("--fuse-elementwise", action="store_true")
+    engine.add_argument("--compile", choices=COMPILE_MODES,
+                        help="torch.compile the decoder layers: auto (default: all on one CUDA GPU for supported "
+                             "models), off, decode or all")
     engine.add_argument("--kv-cache-dtype", choices=["auto", "fp8"],
                         help="fp8: K/V stored as float8 e4m3 with a scale per token and KV head (~1.9x the tokens)")
     engine.add_argument("--preemption-mode", choices=["recompute", "swap"],
@@ -73,7 +77,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "memory_fraction",
-             "cpu_memory_bytes", "backend", "kv_cache_dtype", "preemption_mode", "swap_space_gb")
+             "cpu_memory_bytes", "backend", "kv_cache_dtype", "preemption_mode", "swap_space_gb", "compile")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.no_cuda_graphs:
         options["cuda_graphs"] = False
