@@ -42,8 +42,9 @@ PREFILL_CASES = ((512, 0), (512, 4096), (2048, 0), (2048, 4096))  # (new tokens,
 
 # Tuning sweep (--sweep). Decode: (tile, num_warps, num_stages, heads_first); prefill: (block_m, tile,
 # num_warps, num_stages, heads_first); each crossed with the split counts below.
-DECODE_VARIANTS = [(64, 4, 2, True), (64, 4, 2, False), (64, 2, 3, True), (32, 4, 2, True), (128, 4, 2, True)]
-DECODE_SPLITS = {1: (8, 16, 32, 64), 16: (1, 2, 4, 8), 64: (1, 2), 256: (1,)}
+DECODE_VARIANTS = [(64, 4, 2, True), (64, 4, 2, False), (64, 2, 3, True), (32, 4, 2, True), (128, 4, 2, True),
+                   (64, 4, 3, True), (64, 4, 4, True), (128, 4, 3, True), (128, 8, 2, True), (64, 2, 4, True)]
+DECODE_SPLITS = {1: (8, 16, 32, 64), 16: (1, 2, 4, 8), 64: (1, 2), 256: (1, 2), 512: (1,)}
 PREFILL_VARIANTS = [(128, 64, 8, 3, True), (128, 64, 4, 3, True), (64, 64, 4, 3, True), (128, 128, 8, 2, True)]
 PREFILL_SPLITS = (1, 2)
 
@@ -225,7 +226,17 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time launch-config variants")
     parser.add_argument("--profile", action="store_true", help="only launch a few decode cases for ncu")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop sweeping after this many seconds")
+    parser.add_argument("--head-dim", type=int, default=128, help="64: the Llama-3.2-1B heads (32 q / 8 kv as well)")
+    parser.add_argument("--decode-only", action="store_true", help="skip the prefill cases")
+    parser.add_argument("--batches", default=None, help="decode batch sizes, comma-separated (default 1,16,64,256)")
+    parser.add_argument("--contexts", default=None, help="decode context lengths, comma-separated (default 512,2048,8192)")
     args = parser.parse_args()
+    global D, SCALE, DECODE_BATCHES, DECODE_CONTEXTS
+    D, SCALE = args.head_dim, args.head_dim**-0.5
+    if args.batches:
+        DECODE_BATCHES = tuple(int(b) for b in args.batches.split(","))
+    if args.contexts:
+        DECODE_CONTEXTS = tuple(int(c) for c in args.contexts.split(","))
     assert torch.cuda.is_available(), "this script needs a CUDA device"
     if args.profile:
         return profile()
@@ -238,7 +249,8 @@ def main() -> None:
     rows: list = []
     sweeps: list = []
     run_decode(bw, args.sweep, deadline, rows, sweeps)
-    run_prefill(args.sweep, deadline, rows, sweeps)
+    if not args.decode_only:
+        run_prefill(args.sweep, deadline, rows, sweeps)
 
     out_dir = os.environ.get("OUT")
     if out_dir:
@@ -248,7 +260,7 @@ def main() -> None:
 
     print(f"\n=== {props.name}, torch {torch.__version__}, triton {triton.__version__}, copy {bw/1e12:.2f} TB/s "
           f"({time.time() - start:.0f} s) ===")
-    print("decode, 8B heads (32q/8kv, d128, bf16, block 16): kernel | SDPA contiguous")
+    print(f"decode, 32q/8kv heads, d{D}, bf16, block 16: kernel | SDPA contiguous")
     print("  B   ctx  |   us    TB/s  %copy | sdpa us  TB/s | speedup  err")
     for r in rows:
         if r["kind"] == "decode":
