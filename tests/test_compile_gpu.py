@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import make_model
+from test_generator_gpu import model_prompts_and_stock
 
 from hf_paged import ContinuousGenerator, SamplingParams
 from hf_paged.engine.fusion import AUTO_COMPILE_MODEL_TYPES
@@ -15,15 +15,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.mark.parametrize("name", sorted(AUTO_COMPILE_MODEL_TYPES))
 def test_auto_compiles_and_matches_stock_per_prompt(name):
-    model = make_model(name, dtype=torch.float32, head_dim=64).cuda()
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 70, 17, 33, 5, 48)]
     new = 20
-    stock = [
-        model.generate(input_ids=torch.tensor([p], device="cuda"), max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False)[0, len(p):].tolist()
-        for p in prompts
-    ]
+    model, prompts, stock = model_prompts_and_stock(name, new)
     # max_num_seqs=4: prompts are admitted while others decode, so prompt and decode steps mix.
     gen = ContinuousGenerator(model, progress=False, num_blocks=64, max_num_seqs=4)
     assert gen.runner.compile_mode == "all"

@@ -11,18 +11,25 @@ from models import make_model
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gpt2"])
-@pytest.mark.parametrize("cuda_graphs", [True, False])
-def test_greedy_matches_stock_per_prompt(name, cuda_graphs):
+def model_prompts_and_stock(name: str, new: int = 20):
+    """A float32 model of ``name`` with 64-wide heads on CUDA, six prompts, and stock greedy ``generate``'s
+    ``new`` tokens for each prompt run alone."""
     model = make_model(name, dtype=torch.float32, head_dim=64).cuda()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 96, (n,), generator=g).tolist() for n in (3, 70, 17, 33, 5, 48)]
-    new = 20
     stock = [
         model.generate(input_ids=torch.tensor([p], device="cuda"), max_new_tokens=new, min_new_tokens=new,
                        do_sample=False)[0, len(p):].tolist()
         for p in prompts
     ]
+    return model, prompts, stock
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "gpt2"])
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_greedy_matches_stock_per_prompt(name, cuda_graphs):
+    new = 20
+    model, prompts, stock = model_prompts_and_stock(name, new)
     gen = ContinuousGenerator(model, progress=False, num_blocks=64, max_num_seqs=4, cuda_graphs=cuda_graphs)
     out = gen.generate(prompts, SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True))
     assert [r.token_ids for r in out] == stock
