@@ -496,7 +496,7 @@ def _choose_config(
     if decode:  # memory-bound: small q tile; 16 KB key tiles, 4 warps, 2 stages won or tied at every batch
         # (64 keys of 128 dims; 128 keys of 64 dims: 5-10% faster than 64 keys at batch 64-512 with
         # 64-wide bf16 heads, the Llama-3.2-1B shape, in the session-5 sweep)
-        tile = 128 if head_dim * elem_bytes <= 128 and not kv_fp8 else 64 if head_dim * elem_bytes <= 256 else 32
+        tile = 128 if elem_bytes == 2 and head_dim <= 64 and not kv_fp8 else 64 if head_dim * elem_bytes <= 256 else 32
         block_m, num_warps, num_stages = decode_m, 4, 2
         if kv_fp8 and head_dim <= 128:
             # 2 warps: FP8 tiles cost conversions, and each warp holds the whole q tile and takes part in

@@ -275,17 +275,15 @@ def test_overload_is_refused_at_once_while_accepted_requests_finish():
 # ---- lifetime -------------------------------------------------------------------------------------
 
 
-def test_shutdown_drains_in_flight_requests_then_refuses_new_ones():
-    import gc
-
-    frozen_before = gc.get_freeze_count()
-    engine = new_engine(max_num_seqs=4)
+def shutdown_drains_then_refuses(engine: AsyncEngine, prompt_list: list[list[int]], while_running=lambda: None) -> None:
+    """Start every prompt (30 tokens each), shut down while they run: each still gets all 30 tokens, and a new
+    request after the shutdown is refused. ``while_running`` is called once, before the shutdown."""
     params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
 
     async def main():
-        tasks = [asyncio.create_task(collect(engine.generate(p, params))) for p in prompts(6, seed=3)]
-        await asyncio.sleep(0.01)
-        assert gc.get_freeze_count() > frozen_before
+        tasks = [asyncio.create_task(collect(engine.generate(p, params))) for p in prompt_list]
+        await asyncio.sleep(0.05)
+        while_running()
         await asyncio.to_thread(engine.shutdown, 60.0)
         outs = await asyncio.gather(*tasks)
         with pytest.raises(EngineDeadError, match="shut down"):
@@ -294,7 +292,20 @@ def test_shutdown_drains_in_flight_requests_then_refuses_new_ones():
 
     outs = run(main())
     assert all(o[0][1] == "length" and len(o[0][0]) == 30 for o in outs)
-    assert not engine.is_healthy and not engine._backend.is_alive()
+    assert not engine.is_healthy
+
+
+def test_shutdown_drains_in_flight_requests_then_refuses_new_ones():
+    import gc
+
+    frozen_before = gc.get_freeze_count()
+    engine = new_engine(max_num_seqs=4)
+
+    def frozen_while_running():
+        assert gc.get_freeze_count() > frozen_before
+
+    shutdown_drains_then_refuses(engine, prompts(6, seed=3), frozen_while_running)
+    assert not engine._backend.is_alive()
     # The step loop froze the objects older than it for its life (no collector pauses over the model), and
     # gave them back to the collector when it stopped.
     assert gc.get_freeze_count() == frozen_before

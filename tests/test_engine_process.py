@@ -21,7 +21,7 @@ import pytest
 import torch
 import transformers
 from models import make_model
-from test_async_engine import collect, run
+from test_async_engine import collect, run, shutdown_drains_then_refuses
 from test_generator import char_tokenizer
 
 from hf_paged import AsyncEngine, EngineDeadError, EngineProcessError, ModelSpec, SamplingParams
@@ -155,21 +155,9 @@ def test_concurrent_requests_with_aborts_free_their_blocks(engine):
 
 
 def test_shutdown_drains_then_the_child_exits(engine):
-    params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
     process = engine._backend.process
-
-    async def main():
-        tasks = [asyncio.create_task(collect(engine.generate([9, 10 + i, 11], params))) for i in range(4)]
-        await asyncio.sleep(0.05)
-        await asyncio.to_thread(engine.shutdown, 60.0)
-        outs = await asyncio.gather(*tasks)
-        with pytest.raises(EngineDeadError, match="shut down"):
-            engine.generate([5, 6], params)
-        return outs
-
-    outs = run(main())
-    assert all(o[0][1] == "length" and len(o[0][0]) == 30 for o in outs)
-    assert not engine.is_healthy and not process.is_alive() and process.exitcode == 0
+    shutdown_drains_then_refuses(engine, [[9, 10 + i, 11] for i in range(4)])
+    assert not process.is_alive() and process.exitcode == 0
     engine.shutdown()  # idempotent
 
 
