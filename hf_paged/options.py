@@ -116,6 +116,9 @@ class EngineOptions:
     # (fused norms, RoPE, MLP; decode CUDA graphs capture the compiled forward); "off": eager; "auto":
     # "all" where it is measured and tested (CUDA, Triton kernels, one GPU), else "off".
     compile: str = "auto"
+    # Queue each decode step on the device before the previous step's tokens are read back, so the
+    # host's per-step work overlaps the device (one extra computed token per request that stops early).
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -124,7 +127,7 @@ class EngineOptions:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        for name in ("progress", "cuda_graphs", "prefix_caching", "fuse_elementwise", "profile"):
+        for name in ("progress", "cuda_graphs", "prefix_caching", "fuse_elementwise", "profile", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.compile not in COMPILE_MODES:

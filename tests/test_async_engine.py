@@ -130,6 +130,7 @@ def test_concurrent_requests_with_cancellations_and_forks():
         assert engine.core.pool.allocator.is_whole()
         stats = engine.stats
         assert stats.finished.get("abort") == kinds.count("cancel")
+        assert stats.steps_scheduled_ahead > 0  # cancellations landed while decode steps were queued ahead
 
         # Every id is reusable once its request ended (cancelled ones included).
         async def reuse():
@@ -189,11 +190,11 @@ def test_a_failing_step_reaches_every_caller_and_marks_the_engine_dead():
     execute = engine.core.runner.execute
     calls = {"n": 0}
 
-    def failing(batch):
+    def failing(batch, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 6:
             raise RuntimeError("injected CUDA error")
-        return execute(batch)
+        return execute(batch, *args, **kwargs)
 
     engine.core.runner.execute = failing
     params = SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True)

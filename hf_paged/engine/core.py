@@ -13,6 +13,14 @@ One step::
     out = sampler.sample(logits, ...)            # one token per sampling request, on the device
     advanced = scheduler.update(batch, out...)   # append, stop checks, free finished requests' blocks
 
+Async scheduling (``async_scheduling=True``, the default): before waiting for a step's tokens, the core
+schedules the decode step after it (``Scheduler.schedule_ahead``) and queues it on the device, its input
+ids taken from the sampled ids still on the device. The host then reads back and applies step t while
+the device already runs step t+1, so on a GPU the host's per-step work (update, stop checks, schedule,
+metadata, launches) stays off the critical path. The price: a request that stops on an end token or a
+stop string is computed for one more step, whose token is dropped. Each ``step()`` still applies exactly
+one step, in order; the step scheduled ahead is applied by the next call.
+
 The core owns the pool (allocated once), the runner, the sampler and the scheduler for its whole life;
 cumulative counters (``counters``) and live numbers (``stats()``) are cheap enough to be always on.
 """
@@ -41,7 +49,7 @@ from .inputs import (
 from .model_runner import kv_layout_from_config, max_model_len
 from .profile import StepProfile
 from .request import IncrementalDetokenizer, Request, StreamEvent, TokenLogprobs
-from .sampler import Sampler
+from .sampler import PendingSample, Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 
@@ -81,6 +89,7 @@ class EngineCounters:
     """Cumulative counters over the core's life (never reset; entry points diff them per run)."""
 
     steps: int = 0
+    steps_scheduled_ahead: int = 0  # decode steps queued before the previous step's tokens were read back
     prompt_tokens: int = 0  # prompt tokens submitted (each of n samples counts)
     generated_tokens: int = 0
     requests_added: int = 0  # user requests
@@ -107,6 +116,7 @@ class EngineStats:
     finished: dict[str, int]  # finish_reason -> user requests finished
     swapped_out_blocks: int = 0  # blocks preemptions copied to the swap space (preemption_mode="swap")
     swapped_in_blocks: int = 0  # blocks copied back when their requests resumed
+    steps_scheduled_ahead: int = 0  # of ``steps``, decode steps queued before the previous one's tokens were read
 
     @property
     def kv_usage(self) -> float:
@@ -123,6 +133,15 @@ class _PromptLogprobRows:
     rows: list[int]  # packed token indices
     targets: list[int]  # the prompt token each row's logits predict
     owners: list[Request]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _LaunchedStep:
+    """A step queued on the device whose sampled tokens have not been applied yet."""
+
+    batch: ScheduledBatch
+    sampling: list[Request]  # the requests of the sampled rows, in row order
+    sample: PendingSample | None  # None: no request samples this step
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +197,9 @@ class EngineCore:
         self._next_request_id = 0
         self._groups: dict[int, RequestGroup] = {}  # request_id of every unfinished sample -> its group
         self._num_prompt_logprobs = 0  # unfinished requests that want prompt logprobs (0: skip the search)
+        # Async scheduling needs a runner that takes token ids from the device (not tensor parallelism).
+        self._schedule_ahead = options.async_scheduling and getattr(self.runner, "takes_device_ids", False)
+        self._ahead: _LaunchedStep | None = None  # the step scheduled ahead, queued on the device
 
     def _num_swap_slots(self, options: EngineOptions) -> int:
         """Swap slots for preemption by swapping (0: preempt by recompute); the pool allocated them (every
@@ -270,34 +292,29 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def step(self) -> StepResult:
-        """Run one forward step; every exception propagates (the caller decides to abort)."""
+        """Apply one step (the one scheduled ahead by the previous call, else a new one); may queue the
+        next one on the device first. Every exception propagates (the caller decides to abort)."""
         scheduler, profile = self.scheduler, self.profile
         with torch.inference_mode():
             t0 = time.perf_counter()
-            batch = scheduler.schedule()
-            self.counters.steps += 1
-            self.kv_blocks_peak = max(self.kv_blocks_peak, self.pool.allocator.num_used)
+            launched, self._ahead = self._ahead, None
+            if launched is not None and all(r.finished for r in launched.sampling):
+                launched = None  # everything it computed ended meanwhile: nothing to apply
+            if launched is None:
+                launched = self._launch(scheduler.schedule())
             t1 = time.perf_counter()
-            if profile:
-                profile.gpu_start()
-            wanted = self._prompt_logprob_rows(batch) if self._num_prompt_logprobs else None
-            logits = self.runner.execute(batch, wanted.rows) if wanted else self.runner.execute(batch)
-            scheduler.register_computed(batch)  # host work while the GPU runs the step
+            if self._schedule_ahead and launched.sample is not None:
+                self._ahead = self._launch_ahead(launched)
             t2 = time.perf_counter()
-            sampling = [s.request for s in batch.sampling]
-            if wanted:
-                self._record_prompt_logprobs(logits[len(sampling) :], wanted)
-                logits = logits[: len(sampling)]
-            if sampling:
-                out = self.sampler.sample(logits, self.sampler.prepare(sampling))
-                t3 = time.perf_counter()
-                advanced = scheduler.update(batch, out.token_ids, out.logprobs)
+            out = launched.sample.result() if launched.sample is not None else None  # waits for the device
+            t3 = time.perf_counter()
+            if out is not None:
+                advanced = scheduler.update(launched.batch, out.token_ids, out.logprobs)
             else:
-                t3 = time.perf_counter()
-                advanced = scheduler.update(batch, [])
+                advanced = scheduler.update(launched.batch, [])
             t4 = time.perf_counter()
             if profile:
-                profile.add(batch, t0, t1, t2, t3, t4)
+                profile.add(launched.batch, t0, t1, t2, t3, t4)
         if scheduler.sliding_window is None:  # learnt from the first forward's attention calls
             scheduler.sliding_window = self.runner.cache.sliding_window
         self.counters.generated_tokens += len(advanced)
@@ -310,6 +327,49 @@ class EngineCore:
             if request.finished:
                 self._finish(request, finished)
         return StepResult(advanced, finished)
+
+    def _launch(self, batch: ScheduledBatch) -> _LaunchedStep:
+        """Queue ``batch``'s forward and sampling on the device."""
+        self.counters.steps += 1
+        self.kv_blocks_peak = max(self.kv_blocks_peak, self.pool.allocator.num_used)
+        if self.profile:
+            self.profile.gpu_start()
+        wanted = self._prompt_logprob_rows(batch) if self._num_prompt_logprobs else None
+        logits = self.runner.execute(batch, wanted.rows) if wanted else self.runner.execute(batch)
+        self.scheduler.register_computed(batch)  # host work while the device runs the step
+        sampling = [s.request for s in batch.sampling]
+        if wanted:
+            self._record_prompt_logprobs(logits[len(sampling) :], wanted)
+            logits = logits[: len(sampling)]
+        sample = self.sampler.sample_async(logits, self.sampler.prepare(sampling)) if sampling else None
+        if self.profile:
+            self.profile.gpu_end(batch)
+        return _LaunchedStep(batch, sampling, sample)
+
+    def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
+        """Schedule and queue the decode step after ``launched`` before its tokens reach the host; None
+        where the scheduler cannot decide it yet."""
+        batch = self.scheduler.schedule_ahead(launched.batch)
+        if batch is None:
+            return None
+        self.counters.steps += 1
+        self.counters.steps_scheduled_ahead += 1
+        self.kv_blocks_peak = max(self.kv_blocks_peak, self.pool.allocator.num_used)
+        if self.profile:
+            self.profile.gpu_start()
+        ids = launched.sample.token_ids  # [rows of launched] on the device
+        row_of = {r.request_id: i for i, r in enumerate(launched.sampling)}
+        rows = [row_of[s.request.request_id] for s in batch.requests]
+        if len(rows) != len(launched.sampling):  # some requests stop on length or ended: pick the others'
+            index = torch.tensor(rows, dtype=torch.int64)
+            ids = ids[index.pin_memory().to(ids.device, non_blocking=True) if ids.is_cuda else index]
+        logits = self.runner.execute(batch, device_ids=ids)
+        # Block keys need the tokens this step computes: ``update`` registers its blocks.
+        sampling = [s.request for s in batch.requests]
+        sample = self.sampler.sample_async(logits, self.sampler.prepare(sampling, ahead=1))
+        if self.profile:
+            self.profile.gpu_end(batch)
+        return _LaunchedStep(batch, sampling, sample)
 
     def _prompt_logprob_rows(self, batch) -> "_PromptLogprobRows | None":
         """Packed tokens of this step whose logits give prompt logprobs not recorded yet (position p
@@ -368,6 +428,7 @@ class EngineCore:
         """Free every block of every request (after an error or an interrupt); returns the groups ended."""
         now = time.perf_counter()
         groups = list({id(g): g for g in self._groups.values()}.values())
+        self._ahead = None  # its requests end here; what it writes lands in freed blocks, before any reuse
         self.scheduler.abort_all()
         self.sampler.reset()
         for group in groups:
@@ -470,6 +531,7 @@ class EngineCore:
             finished=dict(c.finished),
             swapped_out_blocks=s.num_swapped_out_blocks,
             swapped_in_blocks=s.num_swapped_in_blocks,
+            steps_scheduled_ahead=c.steps_scheduled_ahead,
         )
 
 

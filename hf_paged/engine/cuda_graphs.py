@@ -6,7 +6,9 @@ sits at position -1: it writes no K/V (slot -1) and attends to nothing (see ``me
 makes them free of side effects without any special case in the kernels.
 
 Every tensor the captured forward reads lives in ``_Bucket`` buffers; a step copies its inputs there
-(one pinned host tensor, one non-blocking copy) and replays. The same padded path also runs eagerly
+(one pinned host tensor, one non-blocking copy) and replays. Each bucket alternates between two pinned
+staging buffers: with a step scheduled ahead (``EngineCore``), the host stages step t+1 while step t's
+copy may still wait in the stream, and step t-1's has finished (its tokens were read back). The same padded path also runs eagerly
 (``capture=False``) so CPU tests check it against the unpadded forward.
 """
 
@@ -32,7 +34,7 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 
 @dataclass(slots=True)
 class _Bucket:
     size: int  # padded batch size Bp
-    staging: torch.Tensor  # pinned host int64 [4*Bp + Bp*M]: ids, positions, seq_lens, slots, tables
+    staging: tuple[torch.Tensor, torch.Tensor]  # 2 pinned host int64 [4*Bp + Bp*M]: ids, positions, seq_lens, slots, tables
     device_in: torch.Tensor  # the same on the device
     input_ids: torch.Tensor  # [1, Bp] int64
     positions: torch.Tensor  # [1, Bp] int64
@@ -40,6 +42,7 @@ class _Bucket:
     logits_to_keep: torch.Tensor  # [Bp] = arange: every row samples in a decode step
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None  # [Bp, V] output of the captured forward
+    uses: int = 0  # steps loaded so far: picks the staging buffer
 
 
 class DecodeGraphs:
@@ -79,8 +82,9 @@ class DecodeGraphs:
 
     def _make_bucket(self, size: int) -> _Bucket:
         m, dev = self.width, self.device
-        staging = torch.zeros(4 * size + size * m, dtype=torch.int64, pin_memory=dev.type == "cuda")
-        device_in = torch.zeros_like(staging, device=dev)
+        pin = dev.type == "cuda"
+        staging = tuple(torch.zeros(4 * size + size * m, dtype=torch.int64, pin_memory=pin) for _ in range(2))
+        device_in = torch.zeros_like(staging[0], device=dev)
         step = StepMetadata(
             query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=dev),
             seq_lens=torch.zeros(size, dtype=torch.int32, device=dev),
@@ -102,10 +106,15 @@ class DecodeGraphs:
     def _forward(self, b: _Bucket) -> torch.Tensor:
         return self.forward(b.input_ids, b.positions, b.step, b.logits_to_keep)
 
-    def _load(self, b: _Bucket, token_ids: list[int], seq_lens: list[int], block_tables: list[list[int]]) -> None:
-        """Stage the step's inputs on the host, then one copy to the device and a few device-side casts."""
+    def _load(
+        self, b: _Bucket, token_ids: list[int], seq_lens: list[int], block_tables: list[list[int]], device_ids: torch.Tensor | None
+    ) -> None:
+        """Stage the step's inputs on the host, then one copy to the device and a few device-side casts.
+        ``device_ids`` (``[B]`` on the device) replace ``token_ids`` when given."""
         n, size, m, bs = len(token_ids), b.size, self.width, self.block_size
-        host = b.staging.numpy()
+        staging = b.staging[b.uses % 2]
+        b.uses += 1
+        host = staging.numpy()
         host[:] = 0
         lens = np.asarray(seq_lens, dtype=np.int64)
         host[0:n] = token_ids
@@ -117,9 +126,11 @@ class DecodeGraphs:
         last = lens - 1
         host[3 * size : 4 * size] = -1
         host[3 * size : 3 * size + n] = tables[np.arange(n), last // bs] * bs + last % bs
-        b.device_in.copy_(b.staging, non_blocking=True)
+        b.device_in.copy_(staging, non_blocking=True)
         d = b.device_in
         b.input_ids[0].copy_(d[0:size])
+        if device_ids is not None:
+            b.input_ids[0, :n].copy_(device_ids)
         b.positions[0].copy_(d[size : 2 * size].clamp(min=0))
         b.step.seq_lens.copy_(d[2 * size : 3 * size])
         b.step.slot_mapping.copy_(d[3 * size : 4 * size])
@@ -143,8 +154,17 @@ class DecodeGraphs:
                 if self.capture:
                     self._capture(b)
 
-    def run(self, token_ids: list[int], seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor | None:
-        """Logits ``[B, V]`` of a decode step, or None when B exceeds every bucket (caller runs it eagerly)."""
+    def run(
+        self,
+        token_ids: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        device_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Logits ``[B, V]`` of a decode step, or None when B exceeds every bucket (caller runs it eagerly).
+
+        ``device_ids``: the step's token ids as a ``[B]`` device tensor (sampled by a step still on the
+        device), used instead of ``token_ids``."""
         size = self.bucket_for(len(token_ids))
         if size is None:
             return None
@@ -154,7 +174,7 @@ class DecodeGraphs:
             if self.capture:
                 # Capture runs the forward with whatever the buffers hold; all-padding rows write nothing.
                 self._capture(b)
-        self._load(b, token_ids, seq_lens, block_tables)
+        self._load(b, token_ids, seq_lens, block_tables, device_ids)
         if b.graph is not None:
             b.graph.replay()
             logits = b.logits

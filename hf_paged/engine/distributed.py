@@ -403,6 +403,8 @@ class DriverRunner:
     collectives, so every rank captures at the same point.
     """
 
+    takes_device_ids = False  # the workers read each step's token ids from the message: no step ahead
+
     def __init__(self, runner: ModelRunner, link: Link) -> None:
         self.runner = runner
         self.link = link

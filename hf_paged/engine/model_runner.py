@@ -91,9 +91,15 @@ class StepInputs:
     extra_logit_rows: Sequence[int] = ()
 
     @classmethod
-    def of(cls, batch: ScheduledBatch, extra_logit_rows: Sequence[int] = ()) -> "StepInputs":
+    def of(cls, batch: ScheduledBatch, extra_logit_rows: Sequence[int] = (), ids_on_device: bool = False) -> "StepInputs":
+        """``ids_on_device``: a decode step whose token ids are not on the host yet (zeros stand in for
+        them; the runner gets them as a device tensor)."""
         requests = batch.requests
-        if all(s.num_scheduled_tokens == 1 for s in requests):  # decode steps: the common case, kept cheap
+        if ids_on_device:
+            assert all(s.num_scheduled_tokens == 1 for s in requests), "only a decode step takes its ids from the device"
+            input_ids: Sequence[int] = [0] * len(requests)
+            query_lens: Sequence[int] = [1] * len(requests)
+        elif all(s.num_scheduled_tokens == 1 for s in requests):  # decode steps: the common case, kept cheap
             input_ids = [s.request.token_ids[s.context_len] for s in requests]
             query_lens: Sequence[int] = [1] * len(requests)
         else:
@@ -179,6 +185,8 @@ class ModelRunner:
         blocks = -(-max_seq_len // self.pool.block_size)
         width = 1 << max(0, blocks - 1).bit_length()  # a power of two: few distinct widths, few recaptures
         if self.graphs is None or self.graphs.width < width:
+            if self.graphs is not None and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # a step scheduled ahead may still replay the old graphs
             if self.compile_mode == "off":
                 self.graphs = DecodeGraphs(self.forward, self.pool, width, self.max_num_seqs)
             else:
@@ -189,12 +197,20 @@ class ModelRunner:
             if self._layout_checked:  # capture needs a forward that already checked the layout
                 self.graphs.capture_all()
 
-    def execute(self, batch: ScheduledBatch, extra_logit_rows: Sequence[int] = ()) -> torch.Tensor:
-        """Forward the step; returns ``[R, V]`` logits of the requests that sample, in batch order, then
-        those of the packed tokens ``extra_logit_rows``."""
-        return self.run(StepInputs.of(batch, extra_logit_rows))
+    # The engine may schedule a decode step ahead and feed it the previous step's sampled ids on the
+    # device (``execute(..., device_ids=...)``); the tensor-parallel driver cannot (its workers get
+    # their ids from the host).
+    takes_device_ids = True
 
-    def run(self, step: StepInputs) -> torch.Tensor:
+    def execute(
+        self, batch: ScheduledBatch, extra_logit_rows: Sequence[int] = (), device_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Forward the step; returns ``[R, V]`` logits of the requests that sample, in batch order, then
+        those of the packed tokens ``extra_logit_rows``. ``device_ids``: a decode step's ``[R]`` token ids
+        on the device (sampled by the previous step, not read back yet)."""
+        return self.run(StepInputs.of(batch, extra_logit_rows, ids_on_device=device_ids is not None), device_ids)
+
+    def run(self, step: StepInputs, device_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``execute`` from the step's plain data (what tensor-parallel ranks receive from rank 0)."""
         if step.swap_out:  # preemption by swapping: first, the forward may reuse the blocks
             self.pool.swap_out(*map(list, zip(*step.swap_out)))
@@ -211,7 +227,7 @@ class ModelRunner:
             and not step.extra_logit_rows
         ):
             # A decode step: one token per request, every request samples.
-            logits = self.graphs.run(step.input_ids, step.seq_lens, step.block_tables)
+            logits = self.graphs.run(step.input_ids, step.seq_lens, step.block_tables, device_ids)
             if logits is not None:
                 return logits
         query_lens, seq_lens = step.query_lens, step.seq_lens
@@ -245,6 +261,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             host, keep_host = host.pin_memory(), keep_host.pin_memory()
         dev = host.to(self.device, non_blocking=True)
+        if device_ids is not None:
+            dev[0, : len(device_ids)].copy_(device_ids)
         logits_to_keep = keep_host.to(self.device, non_blocking=True)
 
         step_metadata = build_step_metadata(query_lens, seq_lens, block_tables, self.pool.block_size, self.device)

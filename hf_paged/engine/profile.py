@@ -1,10 +1,17 @@
-"""Where a ContinuousGenerator step's time goes: host stages against the GPU's span of each step.
+"""Where an engine step's time goes: host stages against the GPU's span of each step.
 
-Host stages (``time.perf_counter``): schedule, forward (metadata build + launches; on a CUDA-graph
-step, the replay), sample (on-device sampling, ending in the one ``.tolist()`` sync of the step, so
-it also absorbs waiting for the GPU), update (append tokens, stop checks, frees). The GPU span of a
-step is measured with CUDA events from just before the forward to the end of sampling; the rest of
-the wall time is the GPU waiting for the host.
+Host stages (``time.perf_counter``) of each ``EngineCore.step()`` call:
+
+- launch: schedule the step and queue its forward and sampling (metadata build + launches; on a
+  CUDA-graph step, the replay); zero when the previous call scheduled it ahead;
+- launch ahead: schedule and queue the next decode step before this one's tokens are read back
+  (async scheduling; zero when the scheduler could not decide it yet);
+- wait + read back: wait for this step's sampled tokens (so it absorbs the GPU time not overlapped);
+- update: append tokens, stop checks, frees.
+
+The GPU span of a step is measured with CUDA events from just before its forward is queued to the end
+of its sampling; the stream runs steps one after another, so the rest of the wall time is the GPU
+waiting for the host.
 """
 
 from __future__ import annotations
@@ -20,34 +27,38 @@ class StepProfile:
     steps: int = 0
     decode_steps: int = 0  # steps in which every request brought one token (CUDA-graph candidates)
     tokens: int = 0  # packed tokens forwarded
-    schedule_s: float = 0.0
-    forward_s: float = 0.0
-    sample_s: float = 0.0
+    launch_s: float = 0.0  # schedule + launch of steps not scheduled ahead
+    ahead_s: float = 0.0  # schedule + launch of the steps scheduled ahead
+    wait_s: float = 0.0  # waiting for the sampled tokens
     update_s: float = 0.0
     gpu_span_s: float = 0.0
     decode_gpu_span_s: float = 0.0  # the part of gpu_span_s spent in decode-only steps
     _events: list = field(default_factory=list)
 
     def gpu_start(self) -> None:
+        """Before a step's forward is queued."""
         if self.device.type == "cuda":
             start = torch.cuda.Event(enable_timing=True)
             start.record()
             self._events.append([start, None, False])
 
-    def add(self, batch, t0: float, t1: float, t2: float, t3: float, t4: float) -> None:
+    def gpu_end(self, batch) -> None:
+        """After the step's sampling is queued (events time the stream, so steps queued ahead do not overlap)."""
         if self._events and self._events[-1][1] is None:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             self._events[-1][1] = end
+            self._events[-1][2] = all(s.num_scheduled_tokens == 1 for s in batch.requests)
+
+    def add(self, batch, t0: float, t1: float, t2: float, t3: float, t4: float) -> None:
+        """One applied step's host stages (with a step scheduled ahead, ``t1..t2`` queues the next one)."""
         decode = all(s.num_scheduled_tokens == 1 for s in batch.requests)
-        if self._events:
-            self._events[-1][2] = decode
         self.steps += 1
         self.decode_steps += decode
         self.tokens += batch.num_scheduled_tokens
-        self.schedule_s += t1 - t0
-        self.forward_s += t2 - t1
-        self.sample_s += t3 - t2
+        self.launch_s += t1 - t0
+        self.ahead_s += t2 - t1
+        self.wait_s += t3 - t2
         self.update_s += t4 - t3
 
     def finish(self) -> None:
@@ -60,15 +71,15 @@ class StepProfile:
 
     @property
     def wall_s(self) -> float:
-        return self.schedule_s + self.forward_s + self.sample_s + self.update_s
+        return self.launch_s + self.ahead_s + self.wait_s + self.update_s
 
     def render(self) -> str:
         wall = self.wall_s or 1e-12
         per = 1e3 / max(1, self.steps)
         rows = [
-            ("schedule (host)", self.schedule_s),
-            ("forward launch + metadata (host)", self.forward_s),
-            ("sample + sync (host)", self.sample_s),
+            ("schedule + launch (host)", self.launch_s),
+            ("schedule + launch ahead (host)", self.ahead_s),
+            ("wait + read back (host)", self.wait_s),
             ("update (host)", self.update_s),
         ]
         lines = [f"{self.steps} steps ({self.decode_steps} decode-only), {self.tokens} tokens, {self.wall_s:.2f} s"]

@@ -2,7 +2,7 @@
 
 Every row of a step has its own temperature, top-k, top-p, min-p, penalties and seed, held in ``[R]``
 tensors built once per step (``Sampler.prepare``). ``Sampler.sample`` then runs the same
-few tensor ops for the whole batch, with no per-row Python and one host sync: the final ``.tolist()``.
+few tensor ops for the whole batch, with no per-row Python and one host sync: ``PendingSample.result()``.
 Stages that no row uses (e.g. the sort for top-k/top-p) are skipped, decided on the host from the
 parameters, never from device values.
 
@@ -98,6 +98,43 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None] | None  # per row, when any row asked for logprobs
 
 
+class PendingSample:
+    """Sampled token ids still on the device, on their way to the host.
+
+    ``token_ids`` (``[R]``, on the device) can feed the next step's inputs before the host has them;
+    ``result()`` waits for the copy (on CUDA a non-blocking copy into pinned memory and an event: only
+    this step's work is waited for, not steps queued after it).
+    """
+
+    def __init__(self, token_ids: torch.Tensor, packed: torch.Tensor, logprob_layout: tuple[int, list] | None) -> None:
+        self.token_ids = token_ids
+        self._layout = logprob_layout  # (top k computed, per row: top logprobs wanted or None)
+        self._event = None
+        if packed.device.type == "cuda":
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = packed
+
+    def result(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+        host = self._host.tolist()
+        if self._layout is None:
+            return SamplerOutput(host, None)
+        k, logprob_rows = self._layout
+        out: list[TokenLogprobs | None] = []
+        for row, want in zip(host, logprob_rows):
+            if want is None:
+                out.append(None)
+                continue
+            top = tuple((int(row[2 + j]), row[2 + k + j]) for j in range(min(want, k)))
+            out.append(TokenLogprobs(int(row[0]), row[1], top))
+        return SamplerOutput([int(row[0]) for row in host], out)
+
+
 class TokenTable:
     """Per-request rows of a ``[slots, V]`` device table over the vocabulary, grown on demand.
 
@@ -160,8 +197,14 @@ class Sampler:
         self.counts = TokenTable(vocab_size, self.device, torch.int32)  # generated only: presence/frequency
 
     # ---- host side, once per step ----------------------------------------------------------------
-    def prepare(self, requests: list[Request]) -> SamplingBatch:
-        """Parameters of the sampling rows (in batch order): one host->device copy for all of them."""
+    def prepare(self, requests: list[Request], ahead: int = 0) -> SamplingBatch:
+        """Parameters of the sampling rows (in batch order): one host->device copy for all of them.
+
+        ``ahead``: tokens each request will have gained, in steps still on the device, before this one
+        samples (1 for a step scheduled ahead, see ``EngineCore``): the position that seeds its noise and
+        the ``min_new_tokens`` count move on by that much. The penalty tables need nothing: a sampled
+        token enters them on the device, in stream order.
+        """
         vocab = self.vocab_size
         rows = []
         penalty_rows: list[int] = []
@@ -184,7 +227,7 @@ class Sampler:
                     p.frequency_penalty,
                     r.seed & _M32,
                     (r.seed >> 32) & _M32,
-                    r.num_tokens,
+                    r.num_tokens + ahead,
                     1.0 if greedy else 0.0,
                 )
             )
@@ -194,7 +237,7 @@ class Sampler:
             if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
                 count_rows.append(i)
                 count_slots.append(self.counts.row(r.request_id, r.token_ids[r.prompt_len :]))
-            if r.num_tokens - r.prompt_len < p.min_new_tokens:
+            if r.num_tokens + ahead - r.prompt_len < p.min_new_tokens:
                 ends = set(p.stop_token_ids) if p.ignore_eos else set(p.stop_token_ids).union(self.eos_token_ids)
                 ends = sorted(t for t in ends if t < vocab)
                 banned_rows += [i] * len(ends)
@@ -248,7 +291,12 @@ class Sampler:
 
     # ---- device side ---------------------------------------------------------------------------
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        """One token per row of ``logits`` ``[R, V]``. The only host sync is the final ``.tolist()``."""
+        """One token per row of ``logits`` ``[R, V]``: ``sample_async`` and its result at once."""
+        return self.sample_async(logits, batch).result()
+
+    def sample_async(self, logits: torch.Tensor, batch: SamplingBatch) -> "PendingSample":
+        """Queue the sampling of one token per row of ``logits`` ``[R, V]`` and the copy of the results to
+        the host; nothing waits for the device until ``PendingSample.result()``."""
         assert logits.shape[0] == batch.temperature.shape[0], f"{logits.shape[0]} logit rows for {batch.temperature.shape[0]} requests"
         x = self.processed_logits(logits, batch)  # [R, V]
         logprobs = torch.log_softmax(x, dim=-1) if batch.num_logprobs is not None else None
@@ -260,8 +308,13 @@ class Sampler:
         if batch.count_rows is not None:
             self.counts.table[batch.count_slots, token_ids[batch.count_rows]] += 1  # slots are distinct
         if logprobs is None:
-            return SamplerOutput(token_ids.tolist(), None)
-        return SamplerOutput(*self._logprobs_to_host(token_ids, logprobs, batch))
+            return PendingSample(token_ids, token_ids, None)
+        # One transfer for everything: ids, chosen logprob, top ids, top logprobs (float64 holds ids exactly).
+        chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(-1)  # [R]
+        k = min(batch.num_logprobs, logprobs.shape[-1])
+        top_lp, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], token_ids[:, None][:, :0])
+        packed = torch.cat([token_ids[:, None].double(), chosen[:, None].double(), top_ids.double(), top_lp.double()], dim=1)
+        return PendingSample(token_ids, packed, (k, batch.logprob_rows))
 
     def processed_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """``logits`` ``[R, V]`` after the end-token mask and the penalties (float32 or wider).
@@ -298,23 +351,6 @@ class Sampler:
         """Gumbel-max over the temperature-scaled, top-k/top-p/min-p filtered logits."""
         noise = gumbel_noise(batch.seed_lo, batch.seed_hi, batch.positions, self.vocab_hash[: x.shape[-1]])
         return (filter_logits(x, batch) + noise).argmax(dim=-1)
-
-    def _logprobs_to_host(self, token_ids: torch.Tensor, logprobs: torch.Tensor, batch: SamplingBatch):
-        chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(-1)  # [R]
-        k = min(batch.num_logprobs, logprobs.shape[-1])
-        top_lp, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], token_ids[:, None][:, :0])
-        # One transfer for everything: ids, chosen logprob, top ids, top logprobs (float64 holds ids exactly).
-        packed = torch.cat([token_ids[:, None].double(), chosen[:, None].double(), top_ids.double(), top_lp.double()], dim=1)
-        host = packed.tolist()
-        ids = [int(row[0]) for row in host]
-        out: list[TokenLogprobs | None] = []
-        for row, want in zip(host, batch.logprob_rows):
-            if want is None:
-                out.append(None)
-                continue
-            top = tuple((int(row[2 + j]), row[2 + k + j]) for j in range(min(want, k)))
-            out.append(TokenLogprobs(int(row[0]), row[1], top))
-        return ids, out
 
 
 def filter_logits(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

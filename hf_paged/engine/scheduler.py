@@ -246,6 +246,53 @@ class Scheduler:
             tuple(self._swap_in),
         )
 
+    def schedule_ahead(self, batch: ScheduledBatch) -> ScheduledBatch | None:
+        """The decode step that follows ``batch``, scheduled before ``batch``'s tokens are known (async
+        scheduling: the engine launches it while the device still runs ``batch``), or None where only
+        ``schedule()`` after ``update(batch)`` can decide the next step.
+
+        Each request of ``batch`` is assumed to get its token and run on: the step computes that token
+        (its id reaches the model from the device). Requests that will stop on length are left out;
+        one that stops on an end token or a stop string is computed once more and dropped by
+        ``update``. None when ``schedule()`` could decide otherwise: a request still in its prompt,
+        samples about to fork, waiting requests that could be admitted, a block to copy, or a pool
+        too full for the new blocks (which only ``schedule()`` may preempt for). Takes no decision
+        that ``schedule()`` would undo: the same requests, in the same order, one token each.
+        """
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return None
+        bs = self.block_size
+        refs = self.allocator.ref_counts
+        rows: list[ScheduledRequest] = []
+        need: list[Request] = []
+        for s in batch.requests:
+            request = s.request
+            if not s.samples or request.request_id in self._forks or request.status is not RequestStatus.RUNNING:
+                return None
+            # After ``batch`` it holds num_tokens + 1 tokens: it stops on length unless one more fits.
+            num_tokens = request.num_tokens + 1
+            if num_tokens - request.prompt_len >= request.params.max_new_tokens:
+                continue
+            if self.max_model_len is not None and num_tokens >= self.max_model_len:
+                continue
+            position = s.seq_len  # the token ``batch`` samples, computed by the step ahead
+            block = position // bs
+            if block < len(request.block_ids):
+                if refs[request.block_ids[block]] != 1:
+                    return None
+            else:
+                need.append(request)
+            rows.append(ScheduledRequest(request, position, 1, True))
+        if not rows:
+            return None
+        if need:
+            blocks = self.allocator.allocate(len(need))
+            if blocks is None:
+                return None
+            for request, block in zip(need, blocks):
+                request.block_ids.append(block)
+        return ScheduledBatch(tuple(rows), len(rows))
+
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         context_len = request.num_computed_tokens
         return ScheduledRequest(request, context_len, num_new, context_len + num_new == request.num_tokens)
@@ -335,6 +382,8 @@ class Scheduler:
         bs = self.block_size
         for s in batch.requests:
             request = s.request
+            if request.status is RequestStatus.FINISHED:  # ended while a step scheduled ahead ran
+                continue
             full = s.seq_len // bs
             if full <= request.num_registered_blocks:
                 continue
@@ -441,7 +490,8 @@ class Scheduler:
         """Apply a step's results; returns the requests that got a token (finished ones included).
 
         ``sampled_token_ids`` (and ``logprobs``) hold one entry per sampling request, in batch order.
-        A request that finishes gives its blocks back at once.
+        A request that finishes gives its blocks back at once. A request that ended (stop token, abort)
+        after ``batch`` was scheduled ahead of its previous step's results is skipped, its token dropped.
         """
         now = time.perf_counter()
         advanced: list[Request] = []
@@ -449,6 +499,9 @@ class Scheduler:
         self.register_computed(batch)
         for s in batch.requests:
             request = s.request
+            if request.status is RequestStatus.FINISHED:
+                row += s.samples
+                continue
             request.num_computed_tokens += s.num_scheduled_tokens
             if request.request_id in self._forks and request.num_computed_tokens >= request.prompt_len:
                 self._fork(request)

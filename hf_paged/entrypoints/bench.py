@@ -338,6 +338,7 @@ def main_bench(args) -> int:
         "fuse_elementwise": args.fuse_elementwise,
         "profile": args.profile,
         "compile": args.compile,
+        "async_scheduling": not args.no_async_scheduling,
     }
     results = run_all(model, workload, args.systems.split(","), device, args.hf_batch_size, cg_options)
     print(f"model {args.model} ({dtype}) on {device}; {workload}")

@@ -105,6 +105,8 @@ def _add_bench(sub) -> None:
     bench.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
     bench.add_argument("--no-prefix-caching", action="store_true", help="turn ContinuousGenerator's prefix cache off")
     bench.add_argument("--fuse-elementwise", action="store_true", help="torch.compile the model's norms and MLPs (CUDA)")
+    bench.add_argument("--no-async-scheduling", action="store_true",
+                       help="ContinuousGenerator reads each step's tokens back before scheduling the next one")
     bench.add_argument("--compile", choices=COMPILE_MODES, default="auto",
                        help="torch.compile ContinuousGenerator's decoder layers: auto (all on one CUDA GPU for "
                             "supported models), off, decode or all")  # fmt: skip

@@ -35,6 +35,7 @@ class GeneratorStats:
     """Counters of the latest ``generate``/``stream`` run (reset when the next one starts)."""
 
     steps: int = 0  # forward steps
+    steps_scheduled_ahead: int = 0  # of those, decode steps queued before the previous step's tokens were read
     preemptions: int = 0  # requests preempted (their K/V dropped to be recomputed, or swapped out)
     recomputed_tokens: int = 0  # tokens whose K/V preemption threw away
     swapped_out_blocks: int = 0  # blocks preemption copied to host memory (preemption_mode="swap")
@@ -94,6 +95,10 @@ class ContinuousGenerator:
             for Llama, Mistral, Qwen2/3, Gemma2, Phi-3, GPT-2 and GPT-NeoX models, "off" elsewhere
             (CPU, other architectures, tensor parallelism). If compiling fails, the generator warns
             and runs eagerly.
+        async_scheduling: queue each decode step on the device before the previous step's tokens are
+            read back, so the host's per-step work (stop checks, scheduling, launches) overlaps the
+            device instead of leaving it idle; a request that stops on an end token or stop string
+            costs one extra computed token, which is dropped. Outputs are the same either way.
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class ContinuousGenerator:
         preemption_mode: str = "recompute",
         swap_space_gb: float = 4.0,
         compile: str = "auto",
+        async_scheduling: bool = True,
     ) -> None:
         self.options = EngineOptions(
             block_size=block_size,
@@ -135,6 +141,7 @@ class ContinuousGenerator:
             preemption_mode=preemption_mode,
             swap_space_gb=swap_space_gb,
             compile=compile,
+            async_scheduling=async_scheduling,
         )
         self.core = EngineCore(model, tokenizer, self.options)
         self.model = model
@@ -160,6 +167,7 @@ class ContinuousGenerator:
         return replace(
             self._stats,
             steps=now.steps - base.steps,
+            steps_scheduled_ahead=now.steps_scheduled_ahead - base.steps_scheduled_ahead,
             preemptions=now.preemptions - base.preemptions,
             recomputed_tokens=now.recomputed_tokens - base.recomputed_tokens,
             swapped_out_blocks=now.swapped_out_blocks - base.swapped_out_blocks,

@@ -65,6 +65,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--no-cuda-graphs", action="store_true")
     engine.add_argument("--no-prefix-caching", action="store_true")
     engine.add_argument("--fuse-elementwise", action="store_true")
+    engine.add_argument("--no-async-scheduling", action="store_true",
+                        help="read each step's tokens back before scheduling the next one (default: the next decode "
+                             "step is queued first, overlapping the host's work with the GPU's)")
     engine.add_argument("--compile", choices=COMPILE_MODES,
                         help="torch.compile the decoder layers: auto (default: all on one CUDA GPU for supported "
                              "models), off, decode or all")
@@ -85,6 +88,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options["prefix_caching"] = False
     if args.fuse_elementwise:
         options["fuse_elementwise"] = True
+    if args.no_async_scheduling:
+        options["async_scheduling"] = False
     return options
 
 
