@@ -6,6 +6,8 @@
 
 Modes: "off" (eager forward, decode CUDA graphs), "all" (every step runs ``torch.compile`` of the model;
 the decode graphs capture the compiled forward), "decode" (prompt steps eager, decode graphs compiled).
+A mode with ":sync" (e.g. "all:sync") runs with ``async_scheduling=False``: each step's tokens are read
+back before the next step is scheduled (the default queues the next decode step first).
 
 Phases (each logged as it ends; a table comes last):
 1. parity: a small float32 Llama (head_dim 64, the Triton kernels' path) with random weights, 16 prompts
@@ -68,7 +70,9 @@ def parity(device: str, modes: list[str]) -> dict:
     params = SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True, logprobs=1)
     outs = {}
     for mode in ["off", *[m for m in modes if m != "off"]]:
-        with ContinuousGenerator(model, progress=False, num_blocks=512, max_num_seqs=16, compile=mode) as gen:
+        compile_mode, _, variant = mode.partition(":")
+        with ContinuousGenerator(model, progress=False, num_blocks=512, max_num_seqs=16, compile=compile_mode,
+                                 async_scheduling=variant != "sync") as gen:
             outs[mode] = gen.generate(prompts, params)
     row = {}
     for mode, results in outs.items():
@@ -143,8 +147,9 @@ def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device
     warm = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
     breaks0, graphs0 = dynamo_counts()
     row: dict = {"mode": mode}
-    with ContinuousGenerator(model, progress=False, max_num_seqs=max_num_seqs, compile=mode, kv_cache_dtype=KV_CACHE_DTYPE,
-                             max_num_batched_tokens=max_num_batched_tokens) as gen:
+    compile_mode, _, variant = mode.partition(":")
+    with ContinuousGenerator(model, progress=False, max_num_seqs=max_num_seqs, compile=compile_mode, kv_cache_dtype=KV_CACHE_DTYPE,
+                             max_num_batched_tokens=max_num_batched_tokens, async_scheduling=variant != "sync") as gen:
         t = time.perf_counter()
         gen.generate(prompts[:64], warm)
         gen.reset_prefix_cache()  # the timed run must not find the warm-up's prompts
@@ -165,9 +170,10 @@ def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device
         out_tokens = sum(len(r.token_ids) for r in results)
         tpot = [(r.latency_s - r.ttft_s) / (len(r.token_ids) - 1) for r in results if len(r.token_ids) > 1]
         row.update(out_tok_s=out_tokens / wall, wall_s=wall, tpot_p50_ms=1e3 * statistics.median(tpot),
-                   preemptions=gen.stats.preemptions)
+                   preemptions=gen.stats.preemptions, steps=gen.stats.steps, steps_ahead=gen.stats.steps_scheduled_ahead)
         log(f"{mode}: {out_tokens / wall:,.0f} out tok/s ({wall:.1f} s, {len(prompts)} prompts), batch TPOT p50 "
-            f"{row['tpot_p50_ms']:.1f} ms, {gen.stats.preemptions} preemptions")
+            f"{row['tpot_p50_ms']:.1f} ms, {gen.stats.preemptions} preemptions, {row['steps']} steps "
+            f"({row['steps_ahead']} scheduled ahead)")
         if mode in PROFILE_MODES:
             # The same workload once more with the engine's step profile (host stages, GPU time per kind
             # of step): where the remaining time goes. Not timed for the table.
@@ -227,7 +233,8 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--modes", default="off,all,decode", help="comma-separated subset of off,decode,all, run in order")
+    p.add_argument("--modes", default="off,all,decode",
+                   help="comma-separated subset of off,decode,all, run in order; ':sync' after one turns async scheduling off")
     p.add_argument("--no-parity", action="store_true")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="the engine's KV cache in every mode")
     p.add_argument("--profile", default="", help="comma-separated modes whose throughput run is repeated with the "
@@ -240,7 +247,7 @@ def main() -> int:
     global KV_CACHE_DTYPE
     KV_CACHE_DTYPE = args.kv_cache_dtype
     modes = args.modes.split(",")
-    if not set(modes) <= {"off", "decode", "all"}:
+    if not {m.removesuffix(":sync") for m in modes} <= {"off", "decode", "all"}:
         p.error(f"--modes: unknown mode in {modes}")
     num_prompts = args.num_prompts or {"llama-8b": 256, "llama-1b": 512}.get(args.shape, 8)
 

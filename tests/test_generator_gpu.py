@@ -79,3 +79,26 @@ def test_fused_elementwise_matches_stock():
     out = gen.generate(prompts, SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True))
     assert [r.token_ids for r in out] == stock
     assert all("forward" not in m.__dict__ for m in gen.runner.fusion.modules)  # restored after each step
+
+
+@pytest.mark.parametrize("compile", ["off", "auto"])
+def test_async_scheduling_changes_no_output_on_gpu(compile):
+    """Decode steps queued ahead take their ids from the device (graph replays and the eager/compiled
+    forward), their sampled tokens come back through pinned memory: greedy equals stock, and every
+    sampling feature gives what the synchronous loop gives."""
+    from test_async_scheduling import mixed_params
+    from test_generator import char_tokenizer
+
+    new = 20
+    model, prompts, stock = model_prompts_and_stock("llama", new)
+    greedy = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
+    runs = {}
+    for async_scheduling in (False, True):
+        gen = ContinuousGenerator(model, char_tokenizer(), progress=False, num_blocks=64, max_num_seqs=4,
+                                  compile=compile, async_scheduling=async_scheduling)
+        assert [r.token_ids for r in gen.generate(prompts, greedy)] == stock
+        out = gen.generate(prompts, mixed_params())
+        runs[async_scheduling] = [(r.token_ids, r.finish_reason, r.text, [s.token_ids for s in r.samples]) for r in out]
+        assert (gen.stats.steps_scheduled_ahead > 0) == async_scheduling
+        assert gen.pool.allocator.is_whole()
+    assert runs[True] == runs[False]
