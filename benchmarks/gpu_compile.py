@@ -170,9 +170,10 @@ def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device
         out_tokens = sum(len(r.token_ids) for r in results)
         tpot = [(r.latency_s - r.ttft_s) / (len(r.token_ids) - 1) for r in results if len(r.token_ids) > 1]
         row.update(out_tok_s=out_tokens / wall, wall_s=wall, tpot_p50_ms=1e3 * statistics.median(tpot),
+                   ttft_p50_ms=1e3 * statistics.median(r.ttft_s for r in results),
                    preemptions=gen.stats.preemptions, steps=gen.stats.steps, steps_ahead=gen.stats.steps_scheduled_ahead)
         log(f"{mode}: {out_tokens / wall:,.0f} out tok/s ({wall:.1f} s, {len(prompts)} prompts), batch TPOT p50 "
-            f"{row['tpot_p50_ms']:.1f} ms, {gen.stats.preemptions} preemptions, {row['steps']} steps "
+            f"{row['tpot_p50_ms']:.1f} ms, TTFT p50 {row['ttft_p50_ms']:.0f} ms, {gen.stats.preemptions} preemptions, {row['steps']} steps "
             f"({row['steps_ahead']} scheduled ahead)")
         if mode in PROFILE_MODES:
             # The same workload once more with the engine's step profile (host stages, GPU time per kind
