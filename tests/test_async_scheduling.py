@@ -138,9 +138,14 @@ def test_update_drops_the_token_of_a_request_that_ended_meanwhile():
     assert len(ahead.requests) == 2
     sched.update(first, [2, 40])  # a samples EOS: it finishes and gives its blocks back
     assert a.finished and a.finish_reason == "stop" and not a.block_ids
-    sched.abort([b])  # b is aborted between steps
-    assert sched.update(ahead, [41, 42]) == []
-    assert a.token_ids[-1] == 2 and b.token_ids[-1] == 40 and sched.allocator.is_whole()
+    # The step after the one queued ahead leaves the finished request out (no synchronous step needed).
+    nxt = sched.schedule_ahead(ahead)
+    assert [s.request for s in nxt.requests] == [b] and nxt.requests[0].context_len == 4
+    sched.update(ahead, [41, 42])
+    assert a.token_ids[-1] == 2 and b.token_ids[-2:] == [40, 42]
+    sched.abort([b])  # b is aborted between steps, while ``nxt`` is queued
+    assert sched.update(nxt, [43]) == []
+    assert b.token_ids[-1] == 42 and sched.allocator.is_whole()
 
 
 def test_schedule_ahead_declines_prompt_chunks_and_a_full_pool():

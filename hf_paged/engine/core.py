@@ -330,10 +330,7 @@ class EngineCore:
 
     def _launch(self, batch: ScheduledBatch) -> _LaunchedStep:
         """Queue ``batch``'s forward and sampling on the device."""
-        self.counters.steps += 1
-        self.kv_blocks_peak = max(self.kv_blocks_peak, self.pool.allocator.num_used)
-        if self.profile:
-            self.profile.gpu_start()
+        self._begin_step(ahead=False)
         wanted = self._prompt_logprob_rows(batch) if self._num_prompt_logprobs else None
         logits = self.runner.execute(batch, wanted.rows) if wanted else self.runner.execute(batch)
         self.scheduler.register_computed(batch)  # host work while the device runs the step
@@ -341,10 +338,7 @@ class EngineCore:
         if wanted:
             self._record_prompt_logprobs(logits[len(sampling) :], wanted)
             logits = logits[: len(sampling)]
-        sample = self.sampler.sample_async(logits, self.sampler.prepare(sampling)) if sampling else None
-        if self.profile:
-            self.profile.gpu_end(batch)
-        return _LaunchedStep(batch, sampling, sample)
+        return self._queue_sampling(batch, sampling, logits, ahead=0)
 
     def _launch_ahead(self, launched: _LaunchedStep) -> _LaunchedStep | None:
         """Schedule and queue the decode step after ``launched`` before its tokens reach the host; None
@@ -352,11 +346,7 @@ class EngineCore:
         batch = self.scheduler.schedule_ahead(launched.batch)
         if batch is None:
             return None
-        self.counters.steps += 1
-        self.counters.steps_scheduled_ahead += 1
-        self.kv_blocks_peak = max(self.kv_blocks_peak, self.pool.allocator.num_used)
-        if self.profile:
-            self.profile.gpu_start()
+        self._begin_step(ahead=True)
         ids = launched.sample.token_ids  # [rows of launched] on the device
         row_of = {r.request_id: i for i, r in enumerate(launched.sampling)}
         rows = [row_of[s.request.request_id] for s in batch.requests]
@@ -365,8 +355,18 @@ class EngineCore:
             ids = ids[index.pin_memory().to(ids.device, non_blocking=True) if ids.is_cuda else index]
         logits = self.runner.execute(batch, device_ids=ids)
         # Block keys need the tokens this step computes: ``update`` registers its blocks.
-        sampling = [s.request for s in batch.requests]
-        sample = self.sampler.sample_async(logits, self.sampler.prepare(sampling, ahead=1))
+        return self._queue_sampling(batch, [s.request for s in batch.requests], logits, ahead=1)
+
+    def _begin_step(self, ahead: bool) -> None:
+        self.counters.steps += 1
+        self.counters.steps_scheduled_ahead += ahead
+        self.kv_blocks_peak = max(self.kv_blocks_peak, self.pool.allocator.num_used)
+        if self.profile:
+            self.profile.gpu_start()
+
+    def _queue_sampling(self, batch: ScheduledBatch, sampling: list[Request], logits: torch.Tensor, ahead: int) -> _LaunchedStep:
+        """``ahead``: tokens the requests gain (in steps still on the device) before these rows sample."""
+        sample = self.sampler.sample_async(logits, self.sampler.prepare(sampling, ahead)) if sampling else None
         if self.profile:
             self.profile.gpu_end(batch)
         return _LaunchedStep(batch, sampling, sample)

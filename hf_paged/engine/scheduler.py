@@ -252,9 +252,9 @@ class Scheduler:
         ``schedule()`` after ``update(batch)`` can decide the next step.
 
         Each request of ``batch`` is assumed to get its token and run on: the step computes that token
-        (its id reaches the model from the device). Requests that will stop on length are left out;
-        one that stops on an end token or a stop string is computed once more and dropped by
-        ``update``. None when ``schedule()`` could decide otherwise: a request still in its prompt,
+        (its id reaches the model from the device). Requests that will stop on length are left out, and
+        so are those that ended since ``batch`` was queued; one that stops on an end token or a stop
+        string is computed once more and dropped by ``update``. None when ``schedule()`` could decide otherwise: a request still in its prompt,
         samples about to fork, waiting requests that could be admitted, a block to copy, or a pool
         too full for the new blocks (which only ``schedule()`` may preempt for). Takes no decision
         that ``schedule()`` would undo: the same requests, in the same order, one token each.
@@ -267,6 +267,8 @@ class Scheduler:
         need: list[Request] = []
         for s in batch.requests:
             request = s.request
+            if request.status is RequestStatus.FINISHED:  # stopped on a token, or aborted, since ``batch`` was queued
+                continue
             if not s.samples or request.request_id in self._forks or request.status is not RequestStatus.RUNNING:
                 return None
             # After ``batch`` it holds num_tokens + 1 tokens: it stops on length unless one more fits.
