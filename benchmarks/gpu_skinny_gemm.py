@@ -8,11 +8,14 @@ CUDA graph replayed 10 times (launch gaps as in a captured decode step), cycling
 L2 cache holds none of them. The fused rows ("qkv", "gate_up") are the shapes a merged projection
 would run: what concatenating q/k/v and gate/up into one GEMM each would buy.
 
-    python benchmarks/gpu_skinny_gemm.py --sweep     # also hf_paged's skinny_gemm over its configs
+    python benchmarks/gpu_skinny_gemm.py --sweep     # also a weight-streaming Triton kernel, below
 
-``--sweep`` times ``hf_paged.kernels.skinny_gemm`` (the weight-streaming kernel) on the same shapes over a
-grid of (BLOCK_N, BLOCK_K, num_warps, num_stages), checks it against cuBLAS, and prints the best config
-per shape next to cuBLAS and the kernel's default choice.
+``--sweep`` times ``skinny_gemm`` (defined here: each program owns ``BLOCK_N`` output columns, streams its
+``[BLOCK_N, K]`` slab of the weight once with software pipelining and multiplies it by the rows of ``x``,
+padded to 16, on the tensor cores; one kernel, no split-K pass) on the same shapes over a grid of
+(BLOCK_N, BLOCK_K, num_warps, num_stages), checks it against cuBLAS, and prints the best config per
+shape next to cuBLAS. It was an experiment for single-stream decode: at best 0-7% faster than cuBLAS
+(4% on the LM head), slower on the small k/v weights, so the engine does not use it (see RESULTS).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 # name -> (out_features N, in_features K), Llama-3.1-8B
 SHAPES = {
@@ -34,6 +39,87 @@ SHAPES = {
     "qkv": (6144, 4096),
     "gate_up": (28672, 4096),
 }
+
+
+MAX_ROWS = 16  # tl.dot's smallest tile: rows beyond the real ones are masked loads of zeros
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr,  # [M, K], last dim contiguous
+    w_ptr,  # [N, K], last dim contiguous
+    b_ptr,  # [N] bias (read only if HAS_BIAS)
+    y_ptr,  # [M, N], last dim contiguous
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" keeps float32 inputs exact
+):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _config(n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an ``n``-column output (H200 sweep, see RESULTS)."""
+    return (16, 256, 4, 5) if n <= 2048 else (32, 256, 4, 5)
+
+
+def skinny_gemm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None
+) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` for a 2D ``x`` of at most ``MAX_ROWS`` rows (``F.linear``'s layout).
+
+    ``config`` overrides ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` (benchmarks sweep it).
+    """
+    assert x.dim() == 2 and weight.dim() == 2, f"{x.shape = } {weight.shape = }"
+    m, k = x.shape
+    n, k_w = weight.shape
+    assert k == k_w, f"{x.shape = } does not match {weight.shape = }"
+    assert 1 <= m <= MAX_ROWS, f"{m} rows: skinny_gemm takes 1..{MAX_ROWS}"
+    assert x.dtype == weight.dtype and x.dtype in DTYPES, f"{x.dtype = } {weight.dtype = }"
+    assert x.stride(-1) == 1 and weight.stride(-1) == 1, "x and weight need a contiguous last dim"
+    assert x.device == weight.device, f"{x.device = } {weight.device = }"
+    if bias is not None:
+        assert bias.shape == (n,) and bias.dtype == x.dtype and bias.is_contiguous(), f"{bias.shape = } {bias.dtype = }"
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, num_warps, num_stages = config or _config(n)
+    _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else y, y,
+        m, n, k,
+        x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=MAX_ROWS,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )  # fmt: skip
+    return y
 
 
 def time_calls(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n: int, k: int, m: int,
@@ -65,8 +151,6 @@ def time_linear(n: int, k: int, m: int) -> float:
 
 
 def sweep() -> None:
-    from hf_paged.kernels.skinny_gemm import skinny_gemm
-
     configs = list(itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 5)))
     print("\n| weight | N x K | rows | cuBLAS us | skinny default us | best us (TB/s) | best (BLOCK_N, BLOCK_K, warps, stages) | max |diff| vs cuBLAS |")
     print("|---|---|---|---|---|---|---|---|")
