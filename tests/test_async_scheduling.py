@@ -16,7 +16,7 @@ import random
 import pytest
 import torch
 from models import make_model
-from test_generator import GREEDY, char_tokenizer, make_prompts, model_and_refs, assert_parity, new_generator
+from test_generator import GREEDY, NEW, assert_parity, char_tokenizer, make_prompts, model_and_refs, new_generator
 from test_scheduler import BS, FakePagedModel, make_request, make_scheduler
 
 from hf_paged.engine.sampling_params import SamplingParams
@@ -209,6 +209,18 @@ def test_greedy_parity_with_stock_generate_scheduling_ahead():
     gen = new_generator(model, async_scheduling=True)
     assert_parity(gen.generate(make_prompts(), GREEDY), refs, "llama")
     assert gen.stats.steps_scheduled_ahead > 0 and gen.pool.allocator.is_whole()
+
+
+def test_a_step_queued_for_requests_that_all_stopped_is_dropped_by_the_next_run():
+    model, refs = model_and_refs("llama")
+    gen = new_generator(model)
+    prompt = make_prompts()[1]
+    stop_at = refs[1].index(refs[1][3]) + 1  # greedy stops at the first occurrence of its 4th token
+    (out,) = gen.generate([prompt], SamplingParams(max_new_tokens=NEW, temperature=0, stop_token_ids=(refs[1][3],)))
+    assert out.token_ids == refs[1][:stop_at] and out.finish_reason == "stop"
+    assert gen.core._ahead is not None and all(r.finished for r in gen.core._ahead.sampling)
+    assert_parity(gen.generate(make_prompts(), GREEDY), refs, "llama")  # the next run drops it first
+    assert gen.pool.allocator.is_whole()
 
 
 def test_async_scheduling_option_is_checked():

@@ -299,7 +299,10 @@ class EngineCore:
             t0 = time.perf_counter()
             launched, self._ahead = self._ahead, None
             if launched is not None and all(r.finished for r in launched.sampling):
-                launched = None  # everything it computed ended meanwhile: nothing to apply
+                # Everything it computed ended meanwhile: nothing to apply. Still wait for it, so every
+                # step queued is read back before its input buffers are reused (see cuda_graphs.py).
+                launched.sample.result()
+                launched = None
             if launched is None:
                 launched = self._launch(scheduler.schedule())
             t1 = time.perf_counter()

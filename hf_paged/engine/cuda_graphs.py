@@ -8,8 +8,9 @@ makes them free of side effects without any special case in the kernels.
 Every tensor the captured forward reads lives in ``_Bucket`` buffers; a step copies its inputs there
 (one pinned host tensor, one non-blocking copy) and replays. Each bucket alternates between two pinned
 staging buffers: with a step scheduled ahead (``EngineCore``), the host stages step t+1 while step t's
-copy may still wait in the stream, and step t-1's has finished (its tokens were read back). The same padded path also runs eagerly
-(``capture=False``) so CPU tests check it against the unpadded forward.
+copy may still wait in the stream, and step t-1's has finished (the engine reads every step back before
+it queues the one after next). The same padded path also runs eagerly (``capture=False``) so CPU tests
+check it against the unpadded forward.
 """
 
 from __future__ import annotations
