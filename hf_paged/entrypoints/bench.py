@@ -108,10 +108,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-# A GPU that idled (model loading, a warm-up, the previous system's teardown) takes 1-2 s to come back to
-# full clocks: on the H200 the 3-s ContinuousGenerator run of the 1B shape measured 27.7k out tok/s right
-# after its warm-up and 46.6k after 5 s of matmuls (benchmarks/gpu_clock_ramp.py). Every system's timed
-# run starts from this state.
+# A GPU that idled (model loading, a warm-up, the previous system's teardown) may take 1-2 s to come back
+# to full speed: on one H200 machine the 3-s ContinuousGenerator run of the 1B shape measured 27.7k out
+# tok/s right after its warm-up and 46.6k after 5 s of matmuls (benchmarks/gpu_clock_ramp.py; another
+# machine showed no ramp). Every system's timed run starts from a busy GPU.
 CLOCK_WARMUP_S = 5.0
 
 
