@@ -51,7 +51,7 @@ from .profile import StepProfile
 from .request import IncrementalDetokenizer, Request, StreamEvent, TokenLogprobs
 from .sampler import PendingSample, Sampler
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 
 
 @dataclass(slots=True, eq=False)
