@@ -128,4 +128,6 @@ def test_server_flags_reach_the_engine_options():
     args = parser.parse_args(["--kv-cache-dtype", "fp8", "--preemption-mode", "swap", "--swap-space-gb", "2.5"])
     options = EngineOptions(**engine_options(args))
     assert (options.kv_cache_dtype, options.preemption_mode, options.swap_space_gb) == ("fp8", "swap", 2.5)
-    assert EngineOptions(**engine_options(parser.parse_args([]))).preemption_mode == "recompute"
+    defaults = EngineOptions(**engine_options(parser.parse_args([])))
+    assert defaults.preemption_mode == "recompute" and defaults.async_scheduling is True
+    assert EngineOptions(**engine_options(parser.parse_args(["--no-async-scheduling"]))).async_scheduling is False
