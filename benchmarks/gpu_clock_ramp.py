@@ -18,7 +18,7 @@ import time
 import torch
 
 from hf_paged import ContinuousGenerator, SamplingParams
-from hf_paged.entrypoints.bench import Workload, build_model, ready_for_timing
+from hf_paged.entrypoints.bench import Workload, build_model, ready_for_timing, warm_up_generator
 
 
 def allocator_counts() -> dict[str, int]:
@@ -41,10 +41,7 @@ def main() -> int:
     prompts = Workload(num_prompts, 64, 1024, 256).prompts(model.config.vocab_size)
     greedy = SamplingParams(max_new_tokens=256, temperature=0.0, ignore_eos=True)
     with ContinuousGenerator(model, progress=False, profile=True) as gen:
-        gen.generate(prompts[:64], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
-        gen.reset_prefix_cache()
-        gen.runner.prepare(max(map(len, prompts)) + 256)
-        gen.runner.capture_graphs()
+        warm_up_generator(gen, prompts, 256)
         ready_for_timing("cuda", args.burn)
         for run in range(3):
             before, start = allocator_counts(), time.perf_counter()

@@ -35,7 +35,7 @@ import traceback
 import torch
 
 from hf_paged import ContinuousGenerator, SamplingParams
-from hf_paged.entrypoints.bench import SHAPES, Workload, build_model, ready_for_timing
+from hf_paged.entrypoints.bench import SHAPES, Workload, build_model, ready_for_timing, warm_up_generator
 
 PROFILE_MODES: set[str] = set()  # --profile
 KV_CACHE_DTYPE = "auto"  # --kv-cache-dtype
@@ -151,10 +151,7 @@ def run_mode(model, mode: str, prompts: list[list[int]], new_tokens: int, device
     with ContinuousGenerator(model, progress=False, max_num_seqs=max_num_seqs, compile=compile_mode, kv_cache_dtype=KV_CACHE_DTYPE,
                              max_num_batched_tokens=max_num_batched_tokens, async_scheduling=variant != "sync") as gen:
         t = time.perf_counter()
-        gen.generate(prompts[:64], warm)
-        gen.reset_prefix_cache()  # the timed run must not find the warm-up's prompts
-        gen.runner.prepare(max(map(len, prompts)) + new_tokens)
-        gen.runner.capture_graphs()  # every bucket now (compiled modes: the compiled forward), not mid-run
+        warm_up_generator(gen, prompts, new_tokens)  # compiled modes compile and capture the compiled forward
         sync(device)
         row["startup_s"] = time.perf_counter() - t
         row["capture_s"] = gen.runner.graphs.capture_seconds if gen.runner.graphs else 0.0

@@ -4,7 +4,8 @@ Scheduler level (pure Python, fake outputs): ``Scheduler.schedule_ahead`` plus a
 steps in the device's order (a step scheduled ahead computes after the previous one's tokens exist,
 through the block tables of its launch) must give the same tokens, finish reasons and block
 accounting as the synchronous loop, with requests stopping on end tokens mid-flight, preemption
-and prefix caching. Engine level (tiny float64 models): ``ContinuousGenerator`` with and without it
+and prefix caching (``FakePagedModel.step`` with the block tables of each step's launch: the device
+reads its own copy; the host may free a finished request's blocks before the step computes). Engine level (tiny float64 models): ``ContinuousGenerator`` with and without it
 gives identical outputs for greedy, seeded sampling, penalties, ``min_new_tokens``, logprobs, ``n``
 samples, stop ids and stop strings, and greedy equals stock ``generate``.
 """
@@ -17,43 +18,26 @@ import pytest
 import torch
 from models import make_model
 from test_generator import GREEDY, NEW, assert_parity, char_tokenizer, make_prompts, model_and_refs, new_generator
-from test_scheduler import BS, FakePagedModel, make_request, make_scheduler
+from test_scheduler import FakePagedModel, make_request, make_scheduler
 
 from hf_paged.engine.sampling_params import SamplingParams
-from hf_paged.engine.scheduler import ScheduledBatch
-
-
-class LaunchedFake(FakePagedModel):
-    """Runs a step with the block tables it was launched with (the device reads them from its own
-    copy; the host may free a finished request's blocks before the step computes)."""
-
-    def step_with(self, batch: ScheduledBatch, tables: list[list[int]]) -> list[int]:
-        out = []
-        for s, table in zip(batch.requests, tables):
-            r = s.request
-            for pos in range(s.context_len, s.seq_len):
-                self.slots[table[pos // BS] * BS + pos % BS] = r.token_ids[pos]
-            if s.samples:
-                seen = tuple(self.slots[table[p // BS] * BS + p % BS] for p in range(s.seq_len))
-                out.append(3 + hash(seen) % 90)
-        return out
 
 
 def run_sync(sched, requests):
-    model = LaunchedFake()
+    model = FakePagedModel()
     for r in requests:
         sched.add(r)
     while sched.has_unfinished():
         batch = sched.schedule()
         assert batch.num_scheduled_tokens <= sched.max_num_batched_tokens
-        sched.update(batch, model.step_with(batch, [list(s.request.block_ids) for s in batch.requests]))
+        sched.update(batch, model.step(batch, [list(s.request.block_ids) for s in batch.requests]))
     return 0
 
 
 def run_ahead(sched, requests):
     """The engine's order: launch t+1 (schedule_ahead) before applying t; t+1 computes after t's tokens
     are appended (on the device its ids come straight from t's sampling)."""
-    model = LaunchedFake()
+    model = FakePagedModel()
     for r in requests:
         sched.add(r)
     ahead = None
@@ -70,7 +54,7 @@ def run_ahead(sched, requests):
         nxt = sched.schedule_ahead(launched[0])
         ahead = None if nxt is None else (nxt, [list(s.request.block_ids) for s in nxt.requests])
         num_ahead += ahead is not None
-        sched.update(launched[0], model.step_with(*launched))
+        sched.update(launched[0], model.step(*launched))
     return num_ahead
 
 

@@ -41,26 +41,28 @@ class FakePagedModel:
     """Writes tokens into 'slots' and samples from what it reads back through the block tables.
 
     Like the real runner it first applies the batch's copy-on-write block copies; with ``window`` it
-    reads only the last ``window`` positions, like sliding-window attention.
+    reads only the last ``window`` positions, like sliding-window attention. ``tables``: each request's
+    block table as the step was launched with (default: its blocks now).
     """
 
     def __init__(self, window: int | None = None) -> None:
         self.slots: dict[int, int] = {}
         self.window = window
 
-    def step(self, batch: ScheduledBatch) -> list[int]:
+    def step(self, batch: ScheduledBatch, tables: list[list[int]] | None = None) -> list[int]:
         for src, dst in batch.block_copies:
             for i in range(BS):
                 if src * BS + i in self.slots:
                     self.slots[dst * BS + i] = self.slots[src * BS + i]
         out = []
-        for s in batch.requests:
+        for k, s in enumerate(batch.requests):
             r = s.request
+            table = r.block_ids if tables is None else tables[k]
             for pos in range(s.context_len, s.seq_len):
-                self.slots[r.block_ids[pos // BS] * BS + pos % BS] = r.token_ids[pos]
+                self.slots[table[pos // BS] * BS + pos % BS] = r.token_ids[pos]
             if s.samples:
                 first = 0 if self.window is None else max(0, s.seq_len - self.window)
-                seen = tuple(self.slots[r.block_ids[p // BS] * BS + p % BS] for p in range(first, s.seq_len))
+                seen = tuple(self.slots[table[p // BS] * BS + p % BS] for p in range(first, s.seq_len))
                 out.append(3 + hash(seen) % 90)  # never EOS (2)
         return out
 

@@ -7,9 +7,9 @@ tiny dummy 4D ``attention_mask`` makes transformers return it as-is instead of b
 (``masking_utils._preprocess_mask_arguments``: "If the mask is already 4D, simply return as-is").
 
 Compiled steps (``compile="decode"`` or ``"all"``) run the same forward with the decoder layers through
-``torch.compile`` (``fusion.CompiledLayers``). Under compilation the K/V write and the attention are the
-custom ops ``hf_paged::write_kv`` and ``hf_paged::paged_attention`` (``integration/attention.py``), so
-Dynamo traces each decoder layer whole and Inductor fuses the elementwise work around them (norms,
+``torch.compile`` (``fusion.CompiledLayers``). Under compilation the K/V write and the attention are one
+custom op, ``hf_paged::write_and_attend`` (``integration/attention.py``), so Dynamo traces each decoder
+layer whole and Inductor fuses the elementwise work around them (norms,
 residual adds, RoPE, SiLU-mul, casts); decode graphs capture the compiled forward. The eager forward
 stays the reference.
 """

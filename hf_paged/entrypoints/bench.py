@@ -205,6 +205,18 @@ def _pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+def warm_up_generator(gen, prompts: list[list[int]], new_tokens: int) -> None:
+    """What a timed ``ContinuousGenerator`` run needs first (vLLM does both at startup): a representative
+    slice of the prompts (Triton compiles its shape specialisations, compiled layers compile), then every
+    decode graph captured at the width the run needs. Empties the prefix cache after."""
+    from ..engine.sampling_params import SamplingParams
+
+    gen.generate(prompts[:64], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
+    gen.reset_prefix_cache()  # the timed run must not find the warm-up's prompts
+    gen.runner.prepare(max(map(len, prompts)) + new_tokens)
+    gen.runner.capture_graphs()  # every bucket now (on every rank under tensor parallelism), not mid-run
+
+
 def run_continuous(model, prompts, new_tokens, device, sampling=None, **options) -> BenchResult:
     """ContinuousGenerator on ``prompts`` (greedy, exactly ``new_tokens`` each unless ``sampling`` says otherwise)."""
     from .generator import ContinuousGenerator
@@ -212,14 +224,7 @@ def run_continuous(model, prompts, new_tokens, device, sampling=None, **options)
 
     params = sampling or SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     gen = ContinuousGenerator(model, progress=False, **options)
-    # Warm-up outside the timing: Triton compiles its shape specialisations on a representative slice,
-    # then every decode graph is captured at the width the timed run needs (vLLM does both at startup).
-    gen.generate(prompts[:64], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
-    gen.reset_prefix_cache()  # the timed run must not find the warm-up's prompts
-    longest_new = max(p.max_new_tokens for p in (params if isinstance(params, list) else [params]))
-    gen.runner.prepare(max(map(len, prompts)) + longest_new)
-    if gen.runner.graphs is not None:
-        gen.runner.graphs.capture_all()
+    warm_up_generator(gen, prompts, max(p.max_new_tokens for p in (params if isinstance(params, list) else [params])))
     ready_for_timing(device)
     start = time.perf_counter()
     results = gen.generate(prompts, params)
